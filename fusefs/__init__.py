@@ -1,0 +1,1 @@
+"""How a chain of layers looks as one read-only tree, served over FUSE."""

@@ -1,0 +1,51 @@
+"""The root of lazysnap's exception tree and the errors of layer content.
+
+Every error lazysnap raises on purpose derives from ``LazysnapError``::
+
+    LazysnapError
+     +-- IntegrityError              bytes do not match the digest that pins them
+     |    +-- DigestMismatch
+     +-- LayerFormatError            a layer blob or index is not what it claims to be
+     |    +-- UnsafePath             an entry would escape the layer root
+     |    +-- TruncatedLayer         the compressed stream or tar ends too early
+     |    +-- IndexVersionError      a stored index of another format version
+     +-- (snapshotter.errors)        RegistryError, FetchError, SnapshotError, ...
+
+Messages name the object (layer digest, entry path, image reference) and say what to do.
+"""
+
+from __future__ import annotations
+
+
+class LazysnapError(Exception):
+    """Base class of every error lazysnap raises on purpose."""
+
+
+class IntegrityError(LazysnapError):
+    """Bytes did not match the digest that pins them; they were not used."""
+
+
+class DigestMismatch(IntegrityError):
+    """A blob, span, chunk or TOC hashed to another digest than expected."""
+
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        super().__init__(f"{what}: digest mismatch: expected {expected}, got {actual}; the data was discarded")
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+
+
+class LayerFormatError(LazysnapError):
+    """A layer blob, its TOC or a stored index is malformed."""
+
+
+class UnsafePath(LayerFormatError):
+    """A tar entry's name or link would escape the layer root."""
+
+
+class TruncatedLayer(LayerFormatError):
+    """The compressed stream or the tar archive ends in the middle of something."""
+
+
+class IndexVersionError(LayerFormatError):
+    """A stored index was written by another, incompatible version."""
