@@ -314,10 +314,9 @@ def _records(toc: Any) -> Iterator[Mapping[str, Any]]:
 def _member_ends(records: list[Mapping[str, Any]], toc_offset: int) -> dict[int, int]:
     """Map each gzip member start that holds file data to the next member start (or the TOC)."""
     starts = sorted({_int(r, "offset") for r in records if r.get("type") == "chunk" or _int(r, "size") > 0})
-    ends = dict(zip(starts, [*starts[1:], toc_offset], strict=True))
-    if starts and (starts[-1] >= toc_offset):
+    if starts and starts[-1] >= toc_offset:
         raise ValueError(f"chunk offset {starts[-1]} lies at or after the TOC ({toc_offset})")
-    return ends
+    return dict(zip(starts, [*starts[1:], toc_offset], strict=False))
 
 
 class _FileBuilder:

@@ -1,0 +1,405 @@
+"""eStargz footer and TOC reading, against blobs written by tests/support/estargz_writer.py."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from index.errors import DigestMismatch, LayerFormatError
+from index.estargz import (
+    EstargzError,
+    is_estargz,
+    normalize_path,
+    parse_footer,
+    parse_modtime,
+    read_chunk,
+    read_estargz,
+    read_estargz_index,
+)
+from index.model import Entry, EntryType, LayerFormat
+from tests.support.estargz_writer import (
+    EstargzBlob,
+    TarEntry,
+    build_estargz,
+    footer,
+    gzip_member,
+)
+
+MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+class CountingSource:
+    """An in-memory blob that records every range read."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+        self.calls: list[tuple[int, int]] = []
+
+    async def __call__(self, offset: int, length: int) -> bytes:
+        assert offset >= 0 and offset + length <= len(self.blob), (offset, length)
+        self.calls.append((offset, length))
+        return self.blob[offset : offset + length]
+
+
+def sample_entries() -> list[TarEntry]:
+    big = hashlib.sha256(b"seed").digest() * (300_000 // 32)  # ~300 KB, several 64 KiB chunks
+    return [
+        TarEntry("./", type="dir", mode=0o755),
+        TarEntry("./etc/", type="dir", mode=0o755, uid=1, gid=2, uname="bin", gname="daemon"),
+        TarEntry("etc/hosts", data=b"127.0.0.1 localhost\n", mode=0o644, mtime=1_700_000_000),
+        TarEntry("usr/bin/tool", data=big, mode=0o4755),
+        TarEntry("usr/bin/alias", type="symlink", linkname="tool"),
+        TarEntry("usr/bin/hard", type="hardlink", linkname="./usr/bin/tool"),
+        TarEntry("empty", data=b""),
+        TarEntry("dev/null", type="char", mode=0o666, devmajor=1, devminor=3),
+        TarEntry("dev/sda", type="block", mode=0o660, devmajor=8, devminor=0),
+        TarEntry("run/pipe", type="fifo"),
+        TarEntry("cap", data=b"x", xattrs={"security.capability": b"\x01\x00\x00\x02\x00\x20"}),
+        TarEntry("etc/.wh.gone", data=b""),
+    ]
+
+
+async def index_of(blob: EstargzBlob, **kwargs: object) -> tuple[list[Entry], CountingSource]:
+    source = CountingSource(blob.blob)
+    layer = await read_estargz(source, len(blob.blob), digest=blob.digest, media_type=MEDIA_TYPE, **kwargs)  # type: ignore[arg-type]
+    return layer.index.entries, source
+
+
+def file_bytes(blob: bytes, entry: Entry) -> bytes:
+    """A file's content from its chunks, decompressed here with gzip (not with read_chunk)."""
+    out = b""
+    for chunk in entry.chunks:
+        member = gzip.decompress(blob[chunk.blob_offset : chunk.blob_end])
+        out += member[chunk.inner_offset : chunk.inner_offset + chunk.size]
+    return out
+
+
+class TestFooter:
+    """The footer gives the TOC offset, in both its forms."""
+
+    @pytest.mark.parametrize("legacy", [False, True])
+    def test_both_forms(self, legacy: bool) -> None:
+        """A 51-byte and a 47-byte footer both give their offset, also after other bytes."""
+        data = footer(0x1234_5678_9A, legacy=legacy)
+        assert len(data) == (47 if legacy else 51)
+        assert parse_footer(data) == 0x1234_5678_9A
+        assert parse_footer(b"junk" * 20 + data) == 0x1234_5678_9A
+        assert is_estargz(b"junk" + data)
+
+    def test_footer_is_an_empty_gzip_member(self) -> None:
+        """The writer's footer is valid gzip that decompresses to nothing (the format's promise)."""
+        assert gzip.decompress(footer(99)) == b""
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            b"",
+            b"\0" * 51,
+            gzip_member(b""),
+            gzip_member(b"x" * 100),
+            footer(5).replace(b"STARGZ", b"STARGX"),
+            footer(5).replace(b"SG", b"XG"),
+            footer(5).replace(b"0000000000000005", b"00000000000000z5"),
+            footer(5)[:-1],
+            footer(5, legacy=True)[1:],
+        ],
+    )
+    def test_garbage_is_rejected(self, data: bytes) -> None:
+        """Anything but a well-formed footer raises EstargzError (a LayerFormatError)."""
+        with pytest.raises(LayerFormatError):
+            parse_footer(data)
+        assert not is_estargz(data)
+
+
+class TestToc:
+    """The TOC becomes the layer's entries, with chunks that locate every file byte."""
+
+    async def test_entries(self) -> None:
+        """Every entry type and attribute comes through, paths normalized."""
+        blob = build_estargz(sample_entries(), chunk_size=64 << 10)
+        entries, _ = await index_of(blob, toc_digest=blob.toc_digest)
+        by_path = {e.path: e for e in entries}
+        assert [e.path for e in entries] == [
+            "",
+            "etc",
+            "etc/hosts",
+            "usr/bin/tool",
+            "usr/bin/alias",
+            "usr/bin/hard",
+            "empty",
+            "dev/null",
+            "dev/sda",
+            "run/pipe",
+            "cap",
+            "etc/.wh.gone",
+        ]
+        assert by_path["etc"].type is EntryType.DIR
+        assert (by_path["etc"].uid, by_path["etc"].gid) == (1, 2)
+        assert (by_path["etc"].uname, by_path["etc"].gname) == ("bin", "daemon")
+        assert by_path["etc/hosts"].mtime_ns == 1_700_000_000 * 10**9
+        assert by_path["usr/bin/tool"].mode == 0o4755
+        assert by_path["usr/bin/alias"].type is EntryType.SYMLINK
+        assert by_path["usr/bin/alias"].link_target == "tool"
+        assert by_path["usr/bin/hard"].type is EntryType.HARDLINK
+        assert by_path["usr/bin/hard"].link_target == "usr/bin/tool"
+        assert (by_path["dev/null"].type, by_path["dev/null"].devmajor, by_path["dev/null"].devminor) == (
+            EntryType.CHAR,
+            1,
+            3,
+        )
+        assert by_path["dev/sda"].type is EntryType.BLOCK
+        assert by_path["run/pipe"].type is EntryType.FIFO
+        assert by_path["cap"].xattrs == {"security.capability": b"\x01\x00\x00\x02\x00\x20"}
+        assert by_path["empty"].size == 0 and by_path["empty"].chunks == ()
+
+    async def test_chunks_give_the_file_bytes(self) -> None:
+        """Each file's chunks are contiguous, bounded by the next member, and hold its bytes."""
+        source = sample_entries()
+        blob = build_estargz(source, chunk_size=64 << 10)
+        entries, _ = await index_of(blob)
+        tool = next(e for e in entries if e.path == "usr/bin/tool")
+        assert len(tool.chunks) == 5
+        assert [c.file_offset for c in tool.chunks] == [i * (64 << 10) for i in range(5)]
+        assert all(a.blob_end == b.blob_offset for a, b in zip(tool.chunks, tool.chunks[1:], strict=False))
+        for entry in source:
+            if entry.type == "reg" and entry.data:
+                indexed = next(e for e in entries if e.path == normalize_path(entry.name))
+                assert indexed.size == len(entry.data)
+                assert file_bytes(blob.blob, indexed) == entry.data
+                assert all(c.digest.startswith("sha256:") for c in indexed.chunks)
+
+    async def test_inner_offsets(self) -> None:
+        """Small files sharing one gzip member are found by their inner offsets."""
+        files = [TarEntry(f"f{i}", data=bytes([i]) * (100 + i)) for i in range(20)]
+        blob = build_estargz(files, min_chunk_size=4096)
+        entries, _ = await index_of(blob)
+        assert any(c.inner_offset > 0 for e in entries for c in e.chunks)
+        for source, entry in zip(files, entries, strict=True):
+            assert file_bytes(blob.blob, entry) == source.data
+            assert read_chunk(
+                blob.blob[entry.chunks[0].blob_offset : entry.chunks[0].blob_end], entry.chunks[0]
+            ) == (source.data)
+
+    async def test_index_fields(self) -> None:
+        """The LayerIndex carries the format, digest, size and the verified TOC digest."""
+        blob = build_estargz(sample_entries())
+        source = CountingSource(blob.blob)
+        index = await read_estargz_index(
+            source, len(blob.blob), digest=blob.digest, media_type=MEDIA_TYPE, toc_digest=blob.toc_digest
+        )
+        assert index.format is LayerFormat.ESTARGZ
+        assert (index.digest, index.compressed_size, index.media_type) == (
+            blob.digest,
+            len(blob.blob),
+            MEDIA_TYPE,
+        )
+        assert index.toc_digest == blob.toc_digest
+
+    async def test_legacy_footer(self) -> None:
+        """A blob with the 47-byte footer indexes the same as one with the 51-byte footer."""
+        modern, _ = await index_of(build_estargz(sample_entries()))
+        legacy, _ = await index_of(build_estargz(sample_entries(), legacy_footer=True))
+        assert [(e.path, e.size) for e in legacy] == [(e.path, e.size) for e in modern]
+
+    async def test_the_blob_is_a_plain_tar_gz_too(self) -> None:
+        """Sanity check of the writer: gunzip + tar sees the same names, with the TOC last."""
+        blob = build_estargz(sample_entries())
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob.blob))) as archive:
+            names = archive.getnames()
+        assert names[-1] == "stargz.index.json"
+        assert len(names) == len(sample_entries()) + 1
+
+
+class TestLandmarks:
+    """Landmarks are bookkeeping: hidden from the entries, remembered for prefetch."""
+
+    async def test_prefetch_landmark(self) -> None:
+        """The entries before .prefetch.landmark are the prioritized ones."""
+        blob = build_estargz(sample_entries(), prefetch_count=4)
+        layer = await read_estargz(
+            CountingSource(blob.blob), len(blob.blob), digest=blob.digest, media_type=""
+        )
+        paths = [e.path for e in layer.index.entries]
+        assert ".prefetch.landmark" not in paths and "stargz.index.json" not in paths
+        assert layer.prefetch_count == 4
+        tool = layer.index.entries[3]
+        assert tool.path == "usr/bin/tool"
+        assert 0 < tool.chunks[-1].blob_end <= layer.prefetch_end
+
+    async def test_no_prefetch_landmark(self) -> None:
+        """.no.prefetch.landmark means: prefetch nothing."""
+        blob = build_estargz(sample_entries(), prefetch_count=0)
+        layer = await read_estargz(
+            CountingSource(blob.blob), len(blob.blob), digest=blob.digest, media_type=""
+        )
+        assert layer.prefetch_count == 0
+        assert ".no.prefetch.landmark" not in [e.path for e in layer.index.entries]
+
+    async def test_without_landmark(self) -> None:
+        """No landmark: prefetch_count is None."""
+        blob = build_estargz(sample_entries())
+        layer = await read_estargz(
+            CountingSource(blob.blob), len(blob.blob), digest=blob.digest, media_type=""
+        )
+        assert layer.prefetch_count is None
+
+
+class TestReads:
+    """The footer and TOC cost at most two range reads, whatever the TOC's size."""
+
+    async def test_small_layer_one_read(self) -> None:
+        """A TOC inside the speculative tail needs exactly one read."""
+        blob = build_estargz(sample_entries())
+        _, source = await index_of(blob)
+        assert len(source.calls) == 1
+
+    @pytest.mark.parametrize("tail", [51, 100, 4096])
+    async def test_large_toc_two_reads(self, tail: int) -> None:
+        """A TOC larger than the speculative tail needs exactly one more read."""
+        files = [TarEntry(f"dir/file-{i:05}", data=b"%d" % i) for i in range(2000)]
+        blob = build_estargz(files)
+        entries, source = await index_of(blob, speculative_tail=tail)
+        assert len(source.calls) == 2
+        assert len(entries) == 2000
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        sizes=st.lists(st.integers(0, 70_000), min_size=1, max_size=8),
+        chunk_size=st.sampled_from([1000, 4096, 65536]),
+        tail=st.integers(0, 200_000),
+    )
+    async def test_any_layout(self, sizes: list[int], chunk_size: int, tail: int) -> None:
+        """For any file sizes, chunk size and tail size: at most 2 reads and every byte right."""
+        files = [
+            TarEntry(f"f{i}", data=(hashlib.sha256(b"%d" % i).digest() * (n // 32 + 1))[:n])
+            for i, n in enumerate(sizes)
+        ]
+        blob = build_estargz(files, chunk_size=chunk_size)
+        entries, source = await index_of(blob, speculative_tail=tail, toc_digest=blob.toc_digest)
+        assert len(source.calls) <= 2
+        for spec, entry in zip(files, entries, strict=True):
+            assert file_bytes(blob.blob, entry) == spec.data
+            for chunk in entry.chunks:
+                read_chunk(blob.blob[chunk.blob_offset : chunk.blob_end], chunk)
+
+
+class TestBadInput:
+    """Bad blobs raise LayerFormatError or DigestMismatch naming the layer."""
+
+    async def test_toc_digest_mismatch(self) -> None:
+        """A TOC that does not hash to the annotation is refused."""
+        blob = build_estargz(sample_entries())
+        with pytest.raises(DigestMismatch, match=blob.digest):
+            await index_of(blob, toc_digest="sha256:" + "0" * 64)
+
+    async def test_toc_offset_outside_the_blob(self) -> None:
+        """A footer pointing past the blob's end is refused."""
+        blob = build_estargz(sample_entries())
+        bad = EstargzBlob(blob.blob[:-51] + footer(len(blob.blob) + 10), blob.toc_json, 0, b"")
+        with pytest.raises(LayerFormatError, match=bad.digest):
+            await index_of(bad)
+
+    async def test_toc_offset_not_at_the_toc(self) -> None:
+        """A footer pointing at some other member is refused (the TOC must end at the footer)."""
+        blob = build_estargz(sample_entries())
+        bad = EstargzBlob(blob.blob[:-51] + footer(0), blob.toc_json, 0, b"")
+        with pytest.raises(LayerFormatError, match=bad.digest):
+            await index_of(bad)
+
+    async def test_huge_toc(self) -> None:
+        """A TOC over the size limit is refused before it is read."""
+        blob = build_estargz([TarEntry(f"f{i}", data=b"x") for i in range(500)])
+        with pytest.raises(LayerFormatError, match="limit"):
+            await index_of(blob, max_toc_size=1000, speculative_tail=51)
+
+    async def test_toc_bomb(self) -> None:
+        """A small compressed TOC that inflates beyond the limit is refused."""
+        toc = json.dumps({"version": 1, "entries": [], "pad": " " * 2_000_000}).encode()
+        info = tarfile.TarInfo("stargz.index.json")
+        info.size = len(toc)
+        member = gzip_member(info.tobuf() + toc + b"\0" * (-len(toc) % 512 + 1024), level=9)
+        raw = EstargzBlob(member + footer(0), toc, 0, b"")
+        with pytest.raises(LayerFormatError, match="limit"):
+            await index_of(raw, max_toc_size=100_000)
+
+    async def test_chunk_offset_outside(self) -> None:
+        """A chunk whose member lies at or after the TOC is refused."""
+        await self._expect_bad_toc(lambda e: e[1].update(offset=10**9))
+
+    async def test_chunks_with_a_gap(self) -> None:
+        """A file whose chunks do not cover it is refused."""
+        await self._expect_bad_toc(lambda e: e[1].update(chunkSize=1000))
+
+    async def test_chunk_without_file(self) -> None:
+        """A chunk entry not following its file is refused."""
+        await self._expect_bad_toc(lambda e: e.insert(0, {"name": "zz", "type": "chunk", "offset": 0}))
+
+    async def test_unknown_type(self) -> None:
+        """An unknown entry type is refused."""
+        await self._expect_bad_toc(lambda e: e[0].update(type="socket"))
+
+    async def test_file_replacing_root(self) -> None:
+        """A non-directory whose path normalizes to the root is refused."""
+        await self._expect_bad_toc(lambda e: e[0].update(name="../", type="symlink", linkName="x"))
+
+    async def test_not_estargz(self) -> None:
+        """A plain gzip layer has no footer: a LayerFormatError that says so."""
+        data = gzip_member(hashlib.sha256(b"x").digest() * 100)
+        with pytest.raises(EstargzError, match="footer"):
+            await index_of(EstargzBlob(data, b"", 0, b""))
+
+    async def test_short_read(self) -> None:
+        """A source returning fewer bytes than asked is an error, not a silent misparse."""
+        blob = build_estargz(sample_entries())
+
+        async def short(offset: int, length: int) -> bytes:
+            return blob.blob[offset : offset + length - 1]
+
+        with pytest.raises(LayerFormatError, match="got"):
+            await read_estargz_index(short, len(blob.blob), digest=blob.digest, media_type="")
+
+    def test_chunk_digest_mismatch(self) -> None:
+        """read_chunk refuses bytes that do not match the chunk digest."""
+        from index.model import Chunk
+
+        member = gzip_member(b"hello")
+        with pytest.raises(DigestMismatch):
+            read_chunk(member, Chunk(0, 5, 0, len(member), 0, "sha256:" + "0" * 64))
+
+    async def _expect_bad_toc(self, mutate: object) -> None:
+        blob = build_estargz([TarEntry("d/", type="dir"), TarEntry("d/f", data=b"abc" * 1000)])
+        toc = json.loads(blob.toc_json)
+        mutate(toc["entries"])  # type: ignore[operator]
+        toc_json = json.dumps(toc).encode()
+        info = tarfile.TarInfo("stargz.index.json")
+        info.size = len(toc_json)
+        head = blob.blob[: blob.toc_offset]
+        tail = gzip_member(info.tobuf() + toc_json + b"\0" * (-len(toc_json) % 512 + 1024))
+        bad = EstargzBlob(head + tail + footer(blob.toc_offset), toc_json, blob.toc_offset, b"")
+        with pytest.raises(EstargzError, match=bad.digest):
+            await index_of(bad)
+
+
+def test_normalize_path() -> None:
+    """Paths become relative, slash-trimmed, and never climb out of the root."""
+    assert normalize_path("./a//b/") == "a/b"
+    assert normalize_path("/abs/./x") == "abs/x"
+    assert normalize_path("../../etc/passwd") == "etc/passwd"
+    assert normalize_path("a/../../b") == "b"
+    assert normalize_path("./") == ""
+
+
+def test_parse_modtime() -> None:
+    """RFC 3339 times with zones and nanoseconds become nanoseconds since the epoch."""
+    assert parse_modtime("1970-01-01T00:00:01Z") == 10**9
+    assert parse_modtime("1970-01-01T01:00:01+01:00") == 10**9
+    assert parse_modtime("1970-01-01T00:00:01.000000005Z") == 10**9 + 5
+    with pytest.raises(ValueError):
+        parse_modtime("yesterday")
