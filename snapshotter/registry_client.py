@@ -1,0 +1,548 @@
+"""An OCI distribution client on httpx under trio: resolve images, read blob ranges, stream and push blobs.
+
+``RegistryClient`` owns one ``httpx.AsyncClient`` (a bounded pool of HTTP/1.1 connections reused
+across requests). Auth, retries and deadlines live in ``registry_http``; this module knows the
+distribution API: manifests, indexes, platforms, blobs, ranges and uploads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform as _platform
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import httpx
+import trio
+
+from index.errors import DigestMismatch
+from snapshotter import media_types as mt
+from snapshotter.errors import NoMatchingPlatform, RangeNotSupported, RegistryError, UnsupportedMediaType
+from snapshotter.reference import Reference, parse_reference, validate_digest
+from snapshotter.registry_auth import Authenticator, default_docker_config_path, load_docker_config
+from snapshotter.registry_http import RegistrySession, RetryPolicy, give_up
+
+# containerd refuses manifests over 4 MiB; so do we, so a hostile registry cannot make us buffer gigabytes.
+MAX_MANIFEST_SIZE = 4 << 20
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_GOARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "i386": "386",
+    "i686": "386",
+    "armv7l": "arm",
+    "armv6l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
+
+
+def _running_arch() -> str:
+    machine = _platform.machine().lower()
+    return _GOARCH.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A content descriptor: what a manifest says about a blob or another manifest."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    urls: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the descriptor as an OCI JSON object."""
+        body: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            body["annotations"] = dict(self.annotations)
+        if self.urls:
+            body["urls"] = list(self.urls)
+        return body
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The platform an image runs on, in Go's GOOS/GOARCH terms (what image indexes use)."""
+
+    os: str = "linux"
+    architecture: str = field(default_factory=_running_arch)
+    variant: str | None = None
+
+    def to_json(self) -> dict[str, str]:
+        """Return the platform as an image index ``platform`` object."""
+        body = {"os": self.os, "architecture": self.architecture}
+        if self.variant:
+            body["variant"] = self.variant
+        return body
+
+    def matches(self, other: Mapping[str, Any]) -> bool:
+        """True if an index's ``platform`` object fits this platform (any variant if ours is None)."""
+        if other.get("os") != self.os or other.get("architecture") != self.architecture:
+            return False
+        if self.variant is None:
+            return True
+        # arm64 without a variant means v8 (containerd normalizes the same way).
+        default = "v8" if self.architecture == "arm64" else None
+        return (other.get("variant") or default) == (self.variant or default)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image resolved down to one platform's manifest, its config and its layers."""
+
+    reference: Reference
+    manifest_digest: str
+    manifest_media_type: str
+    config: Descriptor
+    layers: list[Descriptor]
+    diff_ids: list[str]
+
+
+def parse_descriptor(obj: Any, context: str) -> Descriptor:
+    """Build a Descriptor from manifest JSON; raises RegistryError if a field is missing or mistyped."""
+    if not isinstance(obj, dict):
+        raise RegistryError(f"{context}: descriptor is not a JSON object")
+    media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
+    if (
+        not isinstance(media_type, str)
+        or not isinstance(digest, str)
+        or not isinstance(size, int)
+        or size < 0
+    ):
+        raise RegistryError(
+            f"{context}: descriptor lacks mediaType, digest or a valid size: {json.dumps(obj)[:200]}"
+        )
+    validate_digest(digest, context)
+    annotations = obj.get("annotations") or {}
+    urls = obj.get("urls") or []
+    return Descriptor(
+        media_type, digest, size, {str(k): str(v) for k, v in annotations.items()}, tuple(map(str, urls))
+    )
+
+
+def digest_of(data: bytes) -> str:
+    """Return the ``sha256:`` digest of ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _hasher(digest: str, context: str) -> Any:
+    algorithm = digest.partition(":")[0]
+    if algorithm not in ("sha256", "sha384", "sha512"):
+        raise UnsupportedMediaType(
+            f"{context}: digest algorithm {algorithm!r} is not supported (sha256/384/512 are)"
+        )
+    return hashlib.new(algorithm)
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host[1 : host.find("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+@dataclass
+class _Span:
+    """An open blob response positioned at the range's start; ``expected`` is how many bytes it owes (None: unknown)."""
+
+    response: httpx.Response | None
+    skip: int
+    expected: int | None
+
+
+class RegistryClient:
+    """An async OCI distribution client for trio; use as ``async with RegistryClient() as client``."""
+
+    def __init__(
+        self,
+        *,
+        plain_http: bool = False,
+        plain_http_hosts: Iterable[str] = (),
+        docker_config_path: str | None = None,
+        credentials: Mapping[str, tuple[str, str]] | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 5,
+        max_connections: int = 16,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        self.plain_http = plain_http
+        self.plain_http_hosts = frozenset(plain_http_hosts)
+        config_path = docker_config_path or str(default_docker_config_path())
+        merged = load_docker_config(config_path)
+        merged.update(credentials or {})  # explicit credentials win over config.json
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            limits=limits,
+            timeout=httpx.Timeout(timeout),
+            # httpx drops Authorization when a redirect leaves the origin (e.g. a 307 to a CDN).
+            follow_redirects=True,
+            max_redirects=10,
+            headers={"User-Agent": "lazysnap/0.1"},
+        )
+        policy = retry_policy or RetryPolicy(max_retries=max_retries)
+        self._session = RegistrySession(
+            self._http, Authenticator(self._http, merged, timeout), policy, timeout
+        )
+        self.bytes_fetched = 0
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        await self._http.aclose()
+
+    def scheme_for(self, host: str) -> str:
+        """Return ``http`` for local hosts, listed hosts or with plain_http=True, else ``https``."""
+        if self.plain_http or host in self.plain_http_hosts or _host_name(host) in _LOCAL_HOSTS:
+            return "http"
+        return "https"
+
+    def _repo_url(self, ref: Reference) -> str:
+        return f"{self.scheme_for(ref.registry)}://{ref.registry}/v2/{ref.repository}"
+
+    def _blob_url(self, ref: Reference, digest: str) -> str:
+        return f"{self._repo_url(ref)}/blobs/{digest}"
+
+    # -- manifests -------------------------------------------------------------------------------
+
+    async def fetch_manifest(self, ref: Reference, key: str | None = None) -> tuple[bytes, str, str]:
+        """Fetch a manifest or index by tag or digest: (body, media type, digest); raises NotFound, DigestMismatch."""
+        key = key or ref.manifest_key
+        what = f"manifest {key}"
+        url = f"{self._repo_url(ref)}/manifests/{key}"
+        response = await self._session.request(
+            ref, "GET", url, what=what, headers={"Accept": mt.MANIFEST_ACCEPT}
+        )
+        await self._session.check(ref, response, what)
+        body = response.content
+        if len(body) > MAX_MANIFEST_SIZE:
+            raise RegistryError(
+                f"image {ref}: {what} is {len(body)} bytes, over the {MAX_MANIFEST_SIZE} limit"
+            )
+        digest = digest_of(body)
+        if key.startswith("sha") and ":" in key and digest != key:
+            raise DigestMismatch(f"image {ref}: {what}", key, digest)
+        return body, _manifest_media_type(ref, response, body), digest
+
+    async def resolve(self, ref: Reference | str, platform: Platform | None = None) -> ResolvedImage:
+        """Resolve a reference to one platform's manifest, config and layers; raises RegistryError subclasses."""
+        ref = parse_reference(ref) if isinstance(ref, str) else ref
+        platform = platform or Platform()
+        body, media_type, digest = await self.fetch_manifest(ref)
+        if media_type in mt.INDEX_TYPES:
+            chosen = select_platform(ref, _json(ref, body, "index"), platform)
+            body, media_type, digest = await self.fetch_manifest(ref, chosen.digest)
+        if media_type in mt.SCHEMA1_TYPES:
+            raise UnsupportedMediaType(
+                f"image {ref}: Docker schema 1 manifests are not supported; re-push the image with a current tool"
+            )
+        if media_type not in mt.MANIFEST_TYPES:
+            raise UnsupportedMediaType(f"image {ref}: unsupported manifest media type {media_type!r}")
+        manifest = _json(ref, body, "manifest")
+        config = parse_descriptor(manifest.get("config"), f"image {ref}: config")
+        if config.media_type not in mt.CONFIG_TYPES:
+            raise UnsupportedMediaType(
+                f"image {ref}: config media type {config.media_type!r} is not a container image config "
+                "(an artifact, not a runnable image?)"
+            )
+        raw_layers = manifest.get("layers")
+        if not isinstance(raw_layers, list):
+            raise RegistryError(f"image {ref}: manifest {digest} has no layers list")
+        layers = [parse_descriptor(layer, f"image {ref}: layer {i}") for i, layer in enumerate(raw_layers)]
+        for i, layer in enumerate(layers):
+            mt.layer_compression(layer.media_type, f"image {ref}: layer {i} ({layer.digest})")
+        diff_ids = _diff_ids(
+            ref, _json(ref, await self.fetch_blob(ref, config.digest), "config"), len(layers)
+        )
+        return ResolvedImage(ref, digest, media_type, config, layers, diff_ids)
+
+    # -- blobs -----------------------------------------------------------------------------------
+
+    async def read_range(self, ref: Reference, digest: str, offset: int, length: int) -> bytes:
+        """Return blob bytes [offset, offset+length), clipped at the blob's end; raises FetchError, RangeNotSupported."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"read_range: negative offset {offset} or length {length}")
+        if length == 0:
+            return b""
+        parts: list[bytes] = []
+        async with aclosing(self._span_chunks(ref, digest, offset, offset + length, 1 << 20)) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk)
+        return b"".join(parts)
+
+    async def stream_blob(
+        self, ref: Reference, digest: str, *, chunk_size: int = 1 << 20
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield a whole blob in chunks; raises DigestMismatch at the end if it does not hash to ``digest``."""
+        hasher = _hasher(digest, f"image {ref}: blob {digest}")
+        async with aclosing(self._span_chunks(ref, digest, 0, None, chunk_size)) as chunks:
+            async for chunk in chunks:
+                hasher.update(chunk)
+                yield chunk
+        actual = f"{digest.partition(':')[0]}:{hasher.hexdigest()}"
+        if actual != digest:
+            raise DigestMismatch(f"image {ref}: blob {digest}", digest, actual)
+
+    async def fetch_blob(self, ref: Reference, digest: str) -> bytes:
+        """Return a whole (small) blob, verified against its digest; raises DigestMismatch, FetchError."""
+        parts: list[bytes] = []
+        async with aclosing(self.stream_blob(ref, digest)) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk)
+        return b"".join(parts)
+
+    async def blob_size(self, ref: Reference, digest: str) -> int:
+        """Return a blob's size from a HEAD request; raises NotFound, FetchError."""
+        what = f"blob {digest}"
+        response = await self._session.request(ref, "HEAD", self._blob_url(ref, digest), what=what)
+        await self._session.check(ref, response, what)
+        length = response.headers.get("content-length")
+        if length is None or not length.isdigit():
+            raise RegistryError(f"image {ref}: registry {ref.registry} gave no Content-Length for {what}")
+        return int(length)
+
+    async def _span_chunks(
+        self, ref: Reference, digest: str, start: int, end: int | None, chunk_size: int
+    ) -> AsyncGenerator[bytes, None]:
+        # Yields blob bytes [start, end) and resumes from where it stopped when a body breaks off.
+        position = start
+        failures = 0
+        while True:
+            error: BaseException | str
+            try:
+                async with self._open_span(ref, digest, position, end) as span:
+                    span_start = position
+                    async for chunk in self._span_body(span, chunk_size):
+                        position += len(chunk)
+                        yield chunk
+                    if span.expected is None or position - span_start >= span.expected:
+                        return
+                    error = f"body ended after {position - span_start} of {span.expected} bytes"
+            except httpx.TransportError as exc:
+                error = exc
+            if failures >= self._session.policy.max_retries:
+                what = f"reading blob {digest} at {position}"
+                raise give_up(ref, what, failures + 1, error) from (
+                    error if isinstance(error, BaseException) else None
+                )
+            await trio.sleep(self._session.policy.backoff(failures))
+            failures += 1
+
+    async def _span_body(self, span: _Span, chunk_size: int) -> AsyncIterator[bytes]:
+        if span.response is None or span.expected == 0:
+            return
+        skip, remaining = span.skip, span.expected
+        # aiter_raw: blobs are served as-is; a Content-Encoding must not make us decompress a layer.
+        async for chunk in span.response.aiter_raw(chunk_size):
+            self.bytes_fetched += len(chunk)
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+            if remaining is not None:
+                chunk = chunk[:remaining]
+                remaining -= len(chunk)
+            if chunk:
+                yield chunk
+            if remaining == 0:
+                return  # a registry that ignored Range: stop reading, closing drops the rest
+
+    @asynccontextmanager
+    async def _open_span(
+        self, ref: Reference, digest: str, start: int, end: int | None
+    ) -> AsyncIterator[_Span]:
+        what = f"blob {digest}"
+        headers = {}
+        if start > 0 or end is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        async with self._session.stream(
+            ref, "GET", self._blob_url(ref, digest), what=what, headers=headers
+        ) as resp:
+            if resp.status_code == 416:
+                total = _content_range(resp.headers.get("content-range"))[2]
+                if total is not None and start >= total:
+                    yield _Span(None, 0, 0)  # asked past the end: nothing to return
+                    return
+                raise RangeNotSupported(f"image {ref}: {what}: registry refused range {headers.get('Range')}")
+            await self._session.check(ref, resp, what)
+            yield _range_span(ref, what, resp, start, end)
+
+    # -- uploads ---------------------------------------------------------------------------------
+
+    async def push_blob(
+        self,
+        ref: Reference,
+        data: bytes,
+        *,
+        chunked: bool = False,
+        media_type: str = "application/octet-stream",
+        chunk_size: int = 1 << 20,
+    ) -> Descriptor:
+        """Upload a blob (POST then PUT, or POST, PATCHes and PUT); raises AuthError, RegistryError, FetchError."""
+        digest = digest_of(data)
+        descriptor = Descriptor(media_type, digest, len(data), {})
+        what = f"upload of blob {digest}"
+        head = await self._session.request(ref, "HEAD", self._blob_url(ref, digest), what=what, push=True)
+        if head.status_code == 200:
+            return descriptor  # already there: uploads are content-addressed
+        start = await self._session.request(
+            ref, "POST", f"{self._repo_url(ref)}/blobs/uploads/", what=what, push=True
+        )
+        await self._session.check(ref, start, what)
+        location = _location(ref, start, what)
+        if chunked:
+            for offset in range(0, len(data), chunk_size):
+                piece = data[offset : offset + chunk_size]
+                headers = {
+                    "Content-Type": "application/octet-stream",
+                    # distribution expects "first-last" without a unit here.
+                    "Content-Range": f"{offset}-{offset + len(piece) - 1}",
+                }
+                patch = await self._session.request(
+                    ref, "PATCH", location, what=what, headers=headers, content=piece, push=True
+                )
+                await self._session.check(ref, patch, what)
+                location = _location(ref, patch, what)
+            body = b""
+        else:
+            body = data
+        url = str(httpx.URL(location).copy_merge_params({"digest": digest}))
+        headers = {"Content-Type": "application/octet-stream"}
+        done = await self._session.request(
+            ref, "PUT", url, what=what, headers=headers, content=body, push=True
+        )
+        await self._session.check(ref, done, what)
+        return descriptor
+
+    async def push_manifest(
+        self, ref: Reference, body: bytes, media_type: str, tag: str | None = None
+    ) -> str:
+        """Upload a manifest or index under ``tag`` (else ref's tag, else its digest); returns its digest."""
+        digest = digest_of(body)
+        key = tag or ref.tag or digest
+        what = f"upload of manifest {key}"
+        url = f"{self._repo_url(ref)}/manifests/{key}"
+        headers = {"Content-Type": media_type}
+        response = await self._session.request(
+            ref, "PUT", url, what=what, headers=headers, content=body, push=True
+        )
+        await self._session.check(ref, response, what)
+        return digest
+
+
+def select_platform(ref: Reference, index: dict[str, Any], platform: Platform) -> Descriptor:
+    """Pick the manifest for ``platform`` from an image index; raises NoMatchingPlatform."""
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise RegistryError(f"image {ref}: image index has no manifests list")
+    offered: list[str] = []
+    for i, entry in enumerate(entries):
+        wanted = entry.get("platform") if isinstance(entry, dict) else None
+        if not isinstance(wanted, dict):
+            continue
+        offered.append(
+            "/".join(str(wanted.get(k)) for k in ("os", "architecture", "variant") if wanted.get(k))
+        )
+        if platform.matches(wanted):
+            descriptor = parse_descriptor(entry, f"image {ref}: index entry {i}")
+            if descriptor.media_type in mt.MANIFEST_TYPES:
+                return descriptor
+    raise NoMatchingPlatform(
+        f"image {ref}: no manifest for platform {platform} (the index offers: {', '.join(offered) or 'none'}); "
+        "pick one of those platforms or another image"
+    )
+
+
+def _manifest_media_type(ref: Reference, response: httpx.Response, body: bytes) -> str:
+    content_type = response.headers.get("content-type", "").split(";")[0].strip()
+    if content_type in mt.INDEX_TYPES | mt.MANIFEST_TYPES | mt.SCHEMA1_TYPES:
+        return str(content_type)
+    # Some registries answer application/json; fall back to the body's own mediaType, then its shape.
+    document = _json(ref, body, "manifest")
+    declared = document.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return str(declared)
+    if "manifests" in document:
+        return mt.OCI_INDEX
+    if "layers" in document:
+        return mt.OCI_MANIFEST
+    raise UnsupportedMediaType(f"image {ref}: manifest of unknown media type {content_type!r}")
+
+
+def _json(ref: Reference, body: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except ValueError as error:
+        raise RegistryError(f"image {ref}: {what} is not valid JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise RegistryError(f"image {ref}: {what} is not a JSON object")
+    return document
+
+
+def _diff_ids(ref: Reference, config: dict[str, Any], layer_count: int) -> list[str]:
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise RegistryError(f"image {ref}: image config has no rootfs.diff_ids list")
+    if len(diff_ids) != layer_count:
+        raise RegistryError(
+            f"image {ref}: config lists {len(diff_ids)} diff_ids for {layer_count} layers; the image is malformed"
+        )
+    return [validate_digest(d, f"image {ref}: diff_id") for d in diff_ids]
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    # "bytes FIRST-LAST/TOTAL" or "bytes */TOTAL"; TOTAL may be "*".
+    if not value or not value.startswith("bytes "):
+        return None, None, None
+    span, _, total = value[6:].partition("/")
+    first = last = None
+    if span != "*":
+        a, _, b = span.partition("-")
+        first, last = (int(a), int(b)) if a.isdigit() and b.isdigit() else (None, None)
+    return first, last, int(total) if total.isdigit() else None
+
+
+def _range_span(ref: Reference, what: str, response: httpx.Response, start: int, end: int | None) -> _Span:
+    if response.status_code == 206:
+        if response.headers.get("content-type", "").startswith("multipart/"):
+            raise RangeNotSupported(f"image {ref}: {what}: registry answered one range with a multipart body")
+        first, last, _total = _content_range(response.headers.get("content-range"))
+        if first is None or last is None or first != start:
+            raise RangeNotSupported(
+                f"image {ref}: {what}: asked for bytes from {start}, registry sent "
+                f"{response.headers.get('content-range')!r}"
+            )
+        served = last + 1 - first
+        return _Span(response, 0, served if end is None else min(served, end - start))
+    # 200: the registry ignored Range (or none was sent): skip to start, stop at end.
+    length = response.headers.get("content-length")
+    total = int(length) if length is not None and length.isdigit() else None
+    stop: int | None = end if total is None else (total if end is None else min(end, total))
+    expected = None if stop is None else max(0, stop - start)
+    return _Span(response, start, expected)
+
+
+def _location(ref: Reference, response: httpx.Response, what: str) -> str:
+    location = response.headers.get("location")
+    if not location:
+        raise RegistryError(f"image {ref}: {what}: registry sent no upload Location")
+    return str(response.request.url.join(location))  # Location may be relative
