@@ -1,0 +1,252 @@
+"""Tar headers to ``Entry`` objects, parsed incrementally from the uncompressed layer stream.
+
+``TarEntryParser`` is push-based: the builder hands it each piece of the tar stream as it
+is decompressed, so the layer is never held in memory. It understands ustar, GNU (``L``/``K``
+long names and links, base-256 numbers) and PAX (local and global headers, long paths,
+``SCHILY.xattr.*``, fractional mtimes, large sizes). Paths are normalized the way containerd
+applies a layer: absolute paths become relative and ``..`` stops at the layer root.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from decimal import Decimal, InvalidOperation
+
+from index.errors import LayerFormatError, TruncatedLayer, UnsafePath
+from index.model import Entry, EntryType
+
+BLOCK = 512
+# Go's archive/tar refuses PAX and GNU long-name payloads above 1 MiB; so do we, because the
+# payload is held in memory and a hostile layer could otherwise claim gigabytes.
+MAX_EXTENSION_SIZE = 1 << 20
+# No real layer holds a single file of 1 TiB; a larger size is a corrupt or hostile header.
+MAX_ENTRY_SIZE = 1 << 40
+
+_TYPES: dict[bytes, EntryType] = {
+    tarfile.REGTYPE: EntryType.FILE,
+    tarfile.AREGTYPE: EntryType.FILE,
+    tarfile.CONTTYPE: EntryType.FILE,
+    tarfile.LNKTYPE: EntryType.HARDLINK,
+    tarfile.SYMTYPE: EntryType.SYMLINK,
+    tarfile.CHRTYPE: EntryType.CHAR,
+    tarfile.BLKTYPE: EntryType.BLOCK,
+    tarfile.DIRTYPE: EntryType.DIR,
+    tarfile.FIFOTYPE: EntryType.FIFO,
+}
+_EXTENSION_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_XATTR_PREFIX = "SCHILY.xattr."
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+def normalize_path(name: str) -> str:
+    """Return ``name`` relative to the layer root with ``.``/``..`` resolved inside it; raises UnsafePath on NUL."""
+    if "\x00" in name:
+        raise UnsafePath(f"entry name {name!r} contains a NUL byte")
+    # Anchoring at "/" first makes ".." stop at the root, as containerd's RootPath does.
+    return posixpath.normpath("/" + name.lstrip("/")).lstrip("/")
+
+
+def padded(size: int) -> int:
+    """Return ``size`` rounded up to a whole number of tar blocks."""
+    return -(-size // BLOCK) * BLOCK
+
+
+def parse_pax(data: bytes) -> dict[str, bytes]:
+    """Parse PAX extended header records into raw values; raises LayerFormatError on a malformed record."""
+    records: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # some writers pad the payload with NULs
+            break
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space]) if space > pos else 0
+        except ValueError:
+            length = 0
+        end = pos + length
+        if length <= 0 or end > len(data) or data[end - 1 : end] != b"\n" or b"=" not in data[space:end]:
+            raise LayerFormatError(f"malformed PAX record at byte {pos} of an extended header")
+        key, _, value = data[space + 1 : end - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value
+        pos = end
+    return records
+
+
+def _pax_int(records: dict[str, bytes], key: str, default: int) -> int:
+    """Return the integer PAX record ``key``, or ``default``; raises LayerFormatError when not a number."""
+    raw = records.get(key)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise LayerFormatError(f"PAX record {key}={raw!r} is not an integer") from None
+
+
+def _pax_mtime_ns(raw: bytes) -> int:
+    """Return a PAX ``mtime`` (decimal seconds, possibly fractional) as exact nanoseconds."""
+    try:
+        return int(Decimal(raw.decode("ascii")).scaleb(9))
+    except (InvalidOperation, UnicodeDecodeError, ValueError):
+        raise LayerFormatError(f"PAX mtime {raw!r} is not a number") from None
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+class TarEntryParser:
+    """Turns a tar stream, pushed in pieces of any size, into entries with their data offsets.
+
+    Raises ``LayerFormatError`` (or ``UnsafePath``/``TruncatedLayer``) from ``feed``/``finish``;
+    every message names ``layer`` and, when known, the entry.
+    """
+
+    def __init__(self, layer: str, *, max_entry_size: int = MAX_ENTRY_SIZE) -> None:
+        self.layer = layer
+        self.entries: list[Entry] = []
+        self.ended = False  # an end-of-archive zero block was seen
+        self._max_entry_size = max_entry_size
+        self._offset = 0  # uncompressed offset of the next byte fed
+        self._header = bytearray()  # a partial header block
+        self._skip = 0  # data (and padding) bytes still to pass over
+        self._collect = 0  # extension payload bytes still to gather
+        self._payload = bytearray()
+        self._payload_size = 0
+        self._payload_type = b""
+        self._pending: dict[str, bytes] = {}  # PAX records and GNU long names for the next header
+        self._global: dict[str, bytes] = {}
+        self._seen: dict[str, EntryType] = {}
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Consume the next piece of the tar stream; raises LayerFormatError on a bad header."""
+        view = memoryview(data)
+        pos, n = 0, len(view)
+        while pos < n and not self.ended:
+            if self._skip:
+                step = min(self._skip, n - pos)
+                self._skip -= step
+                pos += step
+            elif self._collect:
+                step = min(self._collect, n - pos)
+                self._payload += view[pos : pos + step]
+                self._collect -= step
+                pos += step
+                if not self._collect:
+                    self._end_extension()
+            elif not self._header and n - pos >= BLOCK:
+                self._on_header(bytes(view[pos : pos + BLOCK]), self._offset + pos)
+                pos += BLOCK
+            else:
+                step = min(BLOCK - len(self._header), n - pos)
+                self._header += view[pos : pos + step]
+                pos += step
+                if len(self._header) == BLOCK:
+                    block, self._header = bytes(self._header), bytearray()
+                    self._on_header(block, self._offset + pos - BLOCK)
+        self._offset += n
+
+    def finish(self) -> list[Entry]:
+        """Return the entries; raises TruncatedLayer if the stream stopped inside a header or an entry."""
+        # A stream may end right after a complete entry without the two zero blocks (umoci 0.4
+        # writes such layers and containerd accepts them), but not inside one.
+        if self._header or self._skip or self._collect or (self._pending and not self.ended):
+            where = self.entries[-1].path if self.entries else "(first entry)"
+            raise TruncatedLayer(
+                f"layer {self.layer}: tar stream ends inside an entry at byte {self._offset} (after {where!r}); "
+                "the download is incomplete or the blob is corrupt"
+            )
+        return self.entries
+
+    def _fail(self, msg: str, offset: int) -> LayerFormatError:
+        return LayerFormatError(f"layer {self.layer}: tar entry at byte {offset}: {msg}")
+
+    def _on_header(self, block: bytes, offset: int) -> None:
+        if block == _ZERO_BLOCK:  # end of archive; what follows (a second zero block, padding) is ignored
+            self.ended = True
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise self._fail(f"invalid header ({exc})", offset) from None
+        if info.type in _EXTENSION_TYPES:
+            self._start_extension(info, offset)
+            return
+        self._add_entry(info, offset)
+
+    def _start_extension(self, info: tarfile.TarInfo, offset: int) -> None:
+        if not 0 <= info.size <= MAX_EXTENSION_SIZE:
+            raise self._fail(f"extension header of {info.size} bytes (limit {MAX_EXTENSION_SIZE})", offset)
+        self._payload_type = info.type
+        self._payload_size = info.size
+        self._payload = bytearray()
+        self._collect = padded(info.size)
+        if not self._collect:
+            self._end_extension()
+
+    def _end_extension(self) -> None:
+        data = bytes(self._payload[: self._payload_size])
+        kind = self._payload_type
+        if kind == tarfile.GNUTYPE_LONGNAME:
+            self._pending["path"] = data.split(b"\x00", 1)[0]
+        elif kind == tarfile.GNUTYPE_LONGLINK:
+            self._pending["linkpath"] = data.split(b"\x00", 1)[0]
+        elif kind == tarfile.XGLTYPE:
+            self._global.update(parse_pax(data))
+        else:
+            self._pending.update(parse_pax(data))
+
+    def _add_entry(self, info: tarfile.TarInfo, offset: int) -> None:
+        records = {**self._global, **self._pending}
+        self._pending = {}
+        raw_name = _text(records["path"]) if "path" in records else info.name
+        data_offset = offset + BLOCK
+        if info.type == tarfile.GNUTYPE_SPARSE or any(k.startswith("GNU.sparse.") for k in records):
+            raise self._fail(f"{raw_name!r} is a sparse file, which layers must not contain", offset)
+        etype = _TYPES.get(info.type)
+        if etype is None:
+            raise self._fail(f"{raw_name!r} has unsupported type {info.type!r}", offset)
+        size = _pax_int(records, "size", info.size)
+        if not 0 <= size <= self._max_entry_size:
+            raise self._fail(f"{raw_name!r} claims an absurd size of {size} bytes", offset)
+        if etype is EntryType.FILE:
+            self._skip = padded(size)
+        else:
+            size = 0  # like Go's archive/tar, header-only types carry no data whatever the size says
+        path = normalize_path(raw_name)
+        if path == "" and etype is not EntryType.DIR:
+            raise UnsafePath(f"layer {self.layer}: entry {raw_name!r} at byte {offset} would replace the layer root")
+        link = _text(records["linkpath"]) if "linkpath" in records else info.linkname
+        if etype is EntryType.HARDLINK:
+            link = self._hardlink_target(raw_name, link, offset)
+        mtime_ns = _pax_mtime_ns(records["mtime"]) if "mtime" in records else int(info.mtime) * 1_000_000_000
+        xattrs = {k[len(_XATTR_PREFIX) :]: v for k, v in records.items() if k.startswith(_XATTR_PREFIX)}
+        entry = Entry(
+            path=path,
+            type=etype,
+            mode=info.mode & 0o7777,
+            uid=_pax_int(records, "uid", info.uid),
+            gid=_pax_int(records, "gid", info.gid),
+            uname=_text(records["uname"]) if "uname" in records else info.uname,
+            gname=_text(records["gname"]) if "gname" in records else info.gname,
+            size=size,
+            mtime_ns=mtime_ns,
+            link_target=link,
+            xattrs=xattrs,
+            devmajor=info.devmajor if etype in (EntryType.CHAR, EntryType.BLOCK) else 0,
+            devminor=info.devminor if etype in (EntryType.CHAR, EntryType.BLOCK) else 0,
+            data_offset=data_offset if etype is EntryType.FILE else -1,
+        )
+        self.entries.append(entry)
+        self._seen[path] = etype
+
+    def _hardlink_target(self, name: str, link: str, offset: int) -> str:
+        target = normalize_path(link)
+        kind = self._seen.get(target)
+        if kind is None or kind is EntryType.DIR:
+            raise UnsafePath(
+                f"layer {self.layer}: hardlink {name!r} at byte {offset} points to {link!r}, "
+                "which is not an earlier non-directory entry of this layer"
+            )
+        return target
