@@ -12,7 +12,8 @@ size and ``chunkDigest``. Finding it costs one range read when the TOC lies with
 speculative tail that also holds the footer, two otherwise.
 
 Errors: ``EstargzError`` (a ``LayerFormatError``) for anything malformed, naming the layer
-digest; ``DigestMismatch`` when the TOC does not match the ``toc.digest`` annotation or a
+digest; ``UnsafePath`` for an entry that would replace the root or a hardlink to no earlier
+file (paths follow ``index.tar_entries.normalize_path``, the tar parser's rules); ``DigestMismatch`` when the TOC does not match the ``toc.digest`` annotation or a
 chunk does not match its ``chunkDigest``.
 """
 
@@ -32,8 +33,9 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from index.errors import DigestMismatch, LayerFormatError
+from index.errors import DigestMismatch, LayerFormatError, UnsafePath
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex
+from index.tar_entries import normalize_path
 
 ReadRange = Callable[[int, int], Awaitable[bytes]]
 
@@ -82,23 +84,6 @@ class EstargzLayer:
     toc_offset: int
     prefetch_count: int | None
     prefetch_end: int
-
-
-def normalize_path(name: str) -> str:
-    """Return ``name`` relative to the layer root, ``/``-separated, without ``.``, ``..`` or slashes at the ends.
-
-    ``..`` never climbs above the root (as containerd resolves it), so the result stays inside.
-    """
-    parts: list[str] = []
-    for part in name.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(part)
-    return "/".join(parts)
 
 
 def _parse_offset(payload: bytes) -> int:
@@ -355,7 +340,7 @@ def _entry(record: Mapping[str, Any]) -> Entry:
     modtime = _str(record, "modtime")
     path = normalize_path(_str(record, "name"))
     if not path and kind is not EntryType.DIR:
-        raise ValueError(f"entry {record['name']!r} of type {kind.value} would replace the layer root")
+        raise UnsafePath(f"entry {record['name']!r} of type {kind.value} would replace the layer root")
     return Entry(
         path=path,
         type=kind,
@@ -379,6 +364,8 @@ def _build(
     try:
         records = list(_records(json.loads(toc_json)))
         entries, prefetch_count, prefetch_end = _entries(records, toc_offset)
+    except UnsafePath as exc:
+        raise UnsafePath(f"layer {digest}: {exc}") from None
     except (ValueError, UnicodeDecodeError, KeyError) as exc:
         raise EstargzError(f"layer {digest}: bad TOC: {exc}") from None
     index = LayerIndex(
@@ -400,6 +387,7 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
     building: _FileBuilder | None = None
     prefetch_count: int | None = None
     prefetch_end = 0
+    seen: dict[str, EntryType] = {}
     for record in records:
         kind = _str(record, "type")
         if kind == "chunk":
@@ -418,6 +406,10 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
                 prefetch_count = 0
             continue
         entry = _entry(record)
+        if entry.type is EntryType.HARDLINK and seen.get(entry.link_target, EntryType.DIR) is EntryType.DIR:
+            # As for tar layers: a hardlink may only name an earlier non-directory of this layer.
+            raise UnsafePath(f"hardlink {entry.path!r} points to {entry.link_target!r}, not an earlier file")
+        seen[entry.path] = entry.type
         if entry.type is EntryType.FILE and entry.size > 0:
             building = _FileBuilder(entry)
             building.add(record, ends)

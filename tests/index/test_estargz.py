@@ -12,11 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from index.errors import DigestMismatch, LayerFormatError
+from index.errors import DigestMismatch, LayerFormatError, UnsafePath
 from index.estargz import (
     EstargzError,
     is_estargz,
-    normalize_path,
     parse_footer,
     parse_modtime,
     read_chunk,
@@ -24,6 +23,7 @@ from index.estargz import (
     read_estargz_index,
 )
 from index.model import Entry, EntryType, LayerFormat
+from index.tar_entries import normalize_path
 from tests.support.estargz_writer import (
     EstargzBlob,
     TarEntry,
@@ -347,7 +347,24 @@ class TestBadInput:
 
     async def test_file_replacing_root(self) -> None:
         """A non-directory whose path normalizes to the root is refused."""
-        await self._expect_bad_toc(lambda e: e[0].update(name="../", type="symlink", linkName="x"))
+        await self._expect_bad_toc(
+            lambda e: e[0].update(name="../", type="symlink", linkName="x"), UnsafePath
+        )
+
+    async def test_hardlink_to_nothing_earlier(self) -> None:
+        """A hardlink must name an earlier non-directory entry of the layer."""
+        await self._expect_bad_toc(
+            lambda e: e.insert(0, {"name": "h", "type": "hardlink", "linkName": "d/f"}), UnsafePath
+        )
+        await self._expect_bad_toc(
+            lambda e: e.append({"name": "h", "type": "hardlink", "linkName": "d"}), UnsafePath
+        )
+
+    async def test_paths_escaping_the_root(self) -> None:
+        """Names with .. or a leading slash stay inside the layer root."""
+        blob = build_estargz([TarEntry("/../../etc/passwd", data=b"x"), TarEntry("a/../../b", type="dir")])
+        entries, _ = await index_of(blob)
+        assert [e.path for e in entries] == ["etc/passwd", "b"]
 
     async def test_not_estargz(self) -> None:
         """A plain gzip layer has no footer: a LayerFormatError that says so."""
@@ -373,7 +390,7 @@ class TestBadInput:
         with pytest.raises(DigestMismatch):
             read_chunk(member, Chunk(0, 5, 0, len(member), 0, "sha256:" + "0" * 64))
 
-    async def _expect_bad_toc(self, mutate: object) -> None:
+    async def _expect_bad_toc(self, mutate: object, error: type[Exception] = EstargzError) -> None:
         blob = build_estargz([TarEntry("d/", type="dir"), TarEntry("d/f", data=b"abc" * 1000)])
         toc = json.loads(blob.toc_json)
         mutate(toc["entries"])  # type: ignore[operator]
@@ -383,17 +400,8 @@ class TestBadInput:
         head = blob.blob[: blob.toc_offset]
         tail = gzip_member(info.tobuf() + toc_json + b"\0" * (-len(toc_json) % 512 + 1024))
         bad = EstargzBlob(head + tail + footer(blob.toc_offset), toc_json, blob.toc_offset, b"")
-        with pytest.raises(EstargzError, match=bad.digest):
+        with pytest.raises(error, match=bad.digest):
             await index_of(bad)
-
-
-def test_normalize_path() -> None:
-    """Paths become relative, slash-trimmed, and never climb out of the root."""
-    assert normalize_path("./a//b/") == "a/b"
-    assert normalize_path("/abs/./x") == "abs/x"
-    assert normalize_path("../../etc/passwd") == "etc/passwd"
-    assert normalize_path("a/../../b") == "b"
-    assert normalize_path("./") == ""
 
 
 def test_parse_modtime() -> None:

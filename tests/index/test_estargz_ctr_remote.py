@@ -13,10 +13,7 @@ import io
 import json
 import random
 import shutil
-import socket
-import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +23,7 @@ import pytest
 
 from index.estargz import TOC_DIGEST_ANNOTATION, read_estargz
 from index.model import EntryType, LayerFormat
+from snapshotter.local_registry import LocalRegistry
 
 if TYPE_CHECKING:
     from tests.support.containerd import Containerd
@@ -70,44 +68,13 @@ def _layer_tar() -> bytes:
     return out.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def registry_url(tmp_path: Path) -> Iterator[str]:
-    """A docker-registry on 127.0.0.1 with filesystem storage (until tests/support/registry.py lands)."""
-    binary = shutil.which("docker-registry")
-    if binary is None:
+    """A docker-registry on 127.0.0.1 with filesystem storage."""
+    if shutil.which("docker-registry") is None:
         pytest.skip("needs docker-registry")
-    port = _free_port()
-    config = tmp_path / "registry.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: warn\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    with open(tmp_path / "registry.log", "wb") as log:
-        process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("docker-registry did not start")
-            time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with LocalRegistry(tmp_path / "registry") as registry:
+        yield registry.url
 
 
 def _push_blob(client: httpx.Client, url: str, repo: str, data: bytes) -> str:
