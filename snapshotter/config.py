@@ -161,7 +161,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
             raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
-    config = _build(Config, data, str(path or "<defaults>"), "")
+    config: Config = _build(Config, data, str(path or "<defaults>"), "")
     clean = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(config, **clean) if clean else config
 
@@ -179,7 +179,7 @@ def _build(cls: type[Any], data: dict[str, Any], source: str, prefix: str) -> An
 
 def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
     """Check ``value`` against the field type ``hint``, building nested sections."""
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{key}] must be a table")
         return _build(hint, value, source, key + ".")

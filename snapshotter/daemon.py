@@ -68,7 +68,9 @@ async def run_daemon(
         async with remote_layers(config) as remote:
             service = SnapshotService(store, LocalSnapshots(root / "snapshots"), remote)
             await service.restore()
-            server = GrpcServer(service, config.address, trio.lowlevel.current_trio_token(), config.grpc_workers)
+            server = GrpcServer(
+                service, config.address, trio.lowlevel.current_trio_token(), config.grpc_workers
+            )
             server.start()
             log.info("lazysnap serving on %s, root %s", server.address, root)
             try:

@@ -137,7 +137,9 @@ def _unescape_go(body: str, pos: int) -> str:
             out.append(_SIMPLE_ESCAPES.get(esc, esc))
             i += 2
             continue
-        digits, base = {"x": (2, 16), "u": (4, 16), "U": (8, 16)}.get(esc, (3, 8) if esc in "01234567" else (0, 0))
+        digits, base = {"x": (2, 16), "u": (4, 16), "U": (8, 16)}.get(
+            esc, (3, 8) if esc in "01234567" else (0, 0)
+        )
         start = i + 1 if base == 8 else i + 2
         chunk = body[start : start + digits]
         if not digits or len(chunk) != digits:

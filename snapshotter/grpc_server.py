@@ -20,7 +20,13 @@ import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from index.errors import LazysnapError
-from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SnapshotError, SnapshotNotFound
+from snapshotter.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    SnapshotError,
+    SnapshotNotFound,
+)
 from snapshotter.local_snapshots import Mount
 from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
@@ -102,7 +108,9 @@ class SnapshotsServicer:
             context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
         raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
-    def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:
+    def Prepare(
+        self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareSnapshotResponse:
         """Create an active snapshot."""
         mounts = self._run(context, self._service.prepare, request.key, request.parent, dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=_mounts_pb(mounts))
@@ -132,13 +140,17 @@ class SnapshotsServicer:
         info = self._run(context, self._service.stat, request.key)
         return pb.StatSnapshotResponse(info=info_to_pb(info))
 
-    def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext) -> pb.UpdateSnapshotResponse:
+    def Update(
+        self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateSnapshotResponse:
         """Update a snapshot's labels."""
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         info = self._run(context, self._service.update, info_from_pb(request.info), paths)
         return pb.UpdateSnapshotResponse(info=info_to_pb(info))
 
-    def List(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> Iterator[pb.ListSnapshotsResponse]:
+    def List(
+        self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ListSnapshotsResponse]:
         """Stream the Infos of the snapshots matching the filters, in batches."""
         infos = self._run(context, self._service.walk, list(request.filters))
         for start in range(0, len(infos), LIST_BATCH):
@@ -177,7 +189,9 @@ def remove_stale_socket(address: str) -> None:
 class GrpcServer:
     """A grpcio server for one SnapshotService on one unix socket (mode 0600)."""
 
-    def __init__(self, service: SnapshotService, address: str, trio_token: trio.lowlevel.TrioToken, workers: int) -> None:
+    def __init__(
+        self, service: SnapshotService, address: str, trio_token: trio.lowlevel.TrioToken, workers: int
+    ) -> None:
         """Prepare (not start) a server on ``address`` with ``workers`` handler threads; raises nothing."""
         self.address = os.path.abspath(address)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lazysnap-grpc")
@@ -188,7 +202,9 @@ class GrpcServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        pb_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(service, trio_token), self._server)
+        # Bound to a typed name first: the generated grpc module has no annotations.
+        register: Callable[[SnapshotsServicer, grpc.Server], None] = pb_grpc.add_SnapshotsServicer_to_server
+        register(SnapshotsServicer(service, trio_token), self._server)
 
     def start(self) -> None:
         """Bind the socket (removing a stale one) and start serving; raises FileExistsError, RuntimeError."""

@@ -58,7 +58,9 @@ class SnapshotRecord:
 
 def _record(row: _Row) -> SnapshotRecord:
     sid, key, kind, parent_id, parent_key, created, updated, labels, remote = row
-    return SnapshotRecord(sid, key, kind, parent_id, parent_key or "", created, updated, json.loads(labels), bool(remote))
+    return SnapshotRecord(
+        sid, key, kind, parent_id, parent_key or "", created, updated, json.loads(labels), bool(remote)
+    )
 
 
 class MetadataStore:
@@ -117,6 +119,10 @@ class MetadataStore:
         if not self._in_transaction:
             raise RuntimeError("metadata changes must run inside MetadataStore.transaction()")
 
+    def db_mode(self) -> str:
+        """Return SQLite's journal mode (``wal`` once opened); raises nothing."""
+        return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
     def get(self, key: str) -> SnapshotRecord | None:
         """Return the snapshot with that key, or None; raises nothing else."""
         row = self._db.execute(_SELECT + " WHERE s.key = ?", (key,)).fetchone()
@@ -149,7 +155,9 @@ class MetadataStore:
 
     def has_children(self, snapshot_id: int) -> bool:
         """Tell whether any snapshot names this one as its parent; raises nothing."""
-        row = self._db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (snapshot_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (snapshot_id,)
+        ).fetchone()
         return row is not None
 
     def insert(

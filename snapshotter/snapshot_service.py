@@ -44,7 +44,9 @@ MAX_LABEL_BYTES = 4096
 class RemoteLayers(Protocol):
     """The lazy backend: exposes a remote chain of layers as one merged directory (FUSE)."""
 
-    async def prepare_remote(self, chain_id: str, parent_chain_id: str | None, labels: Mapping[str, str]) -> str | None:
+    async def prepare_remote(
+        self, chain_id: str, parent_chain_id: str | None, labels: Mapping[str, str]
+    ) -> str | None:
         """Make chain_id servable; return None on success or the reason it can't be served lazily.
 
         Must be idempotent: two concurrent Prepares of one chain may both call it.
@@ -73,7 +75,9 @@ class Info:
 
 
 def _info(record: SnapshotRecord) -> Info:
-    return Info(record.key, record.parent_key, record.kind, record.created_ns, record.updated_ns, record.labels)
+    return Info(
+        record.key, record.parent_key, record.kind, record.created_ns, record.updated_ns, record.labels
+    )
 
 
 def validate_labels(key: str, labels: Mapping[str, str]) -> None:
@@ -90,7 +94,9 @@ def validate_labels(key: str, labels: Mapping[str, str]) -> None:
 class SnapshotService:
     """Prepare, View, Commit, Mounts, Remove, Stat, Update, Usage, Walk and Cleanup."""
 
-    def __init__(self, store: MetadataStore, local: LocalSnapshots, remote: RemoteLayers | None = None) -> None:
+    def __init__(
+        self, store: MetadataStore, local: LocalSnapshots, remote: RemoteLayers | None = None
+    ) -> None:
         """Serve snapshots kept in ``store`` and ``local``; ``remote`` enables lazy layers; raises nothing."""
         self._store = store
         self._local = local
@@ -111,7 +117,9 @@ class SnapshotService:
         if record is None:
             raise SnapshotNotFound(f"parent snapshot {parent!r} of {key!r} does not exist: not found")
         if record.kind != KIND_COMMITTED:
-            raise InvalidArgument(f"parent {parent!r} of {key!r} is not a committed snapshot: invalid argument")
+            raise InvalidArgument(
+                f"parent {parent!r} of {key!r} is not a committed snapshot: invalid argument"
+            )
         return record
 
     # -- creation ------------------------------------------------------------------------------
@@ -135,11 +143,14 @@ class SnapshotService:
             if self._store.get(key) is not None:
                 raise AlreadyExists(f"snapshot {key!r}: already exists")
             parent_record = self._committed_parent(key, parent)
-            record = self._store.insert(key, kind, parent_record.id if parent_record else None, time.time_ns(), labels)
+            record = self._store.insert(
+                key, kind, parent_record.id if parent_record else None, time.time_ns(), labels
+            )
             # Inside the transaction: if the directories can't be made, the row is rolled back;
             # if we crash after mkdir but before COMMIT, Cleanup removes the orphan directory.
             self._local.create(record.id)
-        return self._mounts(record)
+            # Also inside: if no mounts can be built (remote backend missing), nothing was created.
+            return self._mounts(record)
 
     async def _prepare_remote(self, key: str, parent: str, target: str, labels: Mapping[str, str]) -> None:
         """Commit ``target`` as a remote snapshot and raise AlreadyExists, or log why not and return."""
@@ -187,7 +198,9 @@ class SnapshotService:
             if record is None:
                 raise SnapshotNotFound(f"active snapshot {key!r} does not exist: not found")
             if record.kind != KIND_ACTIVE:
-                raise FailedPrecondition(f"snapshot {key!r} is {record.kind}, not active: failed precondition")
+                raise FailedPrecondition(
+                    f"snapshot {key!r} is {record.kind}, not active: failed precondition"
+                )
             self._store.commit(record.id, name, time.time_ns(), labels)
 
     # -- reads ---------------------------------------------------------------------------------
