@@ -1,8 +1,10 @@
 """A real eStargz layer, converted by ``ctr-remote image convert --estargz --oci``, indexes correctly.
 
 Pipeline: push a small gzip image to a local docker-registry, pull it into a private
-containerd, convert it with ctr-remote, push the result, then read the converted layer's
-footer and TOC over HTTP Range requests and check every file against the original.
+containerd (tests/support/containerd.py), convert it with ctr-remote, push the result, then
+read the converted layer's footer and TOC over HTTP Range requests (the registry client's
+``read_range``, as the snapshotter will) and check every file against the original.
+The image carries /bin/sh and its libraries from the host, so containers can run it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import random
+import re
 import shutil
+import signal
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -24,8 +30,12 @@ import pytest
 from index.estargz import TOC_DIGEST_ANNOTATION, read_estargz
 from index.model import EntryType, LayerFormat
 from snapshotter.local_registry import LocalRegistry
+from snapshotter.reference import parse_reference
+from snapshotter.registry_client import Descriptor, RegistryClient, parse_descriptor
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tests.support.containerd import Containerd
 
 # Imported as a plugin (not directly) so pytest can rewrite its asserts.
@@ -33,14 +43,13 @@ pytest_plugins = ["tests.support.containerd"]
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MTIME = 1_700_000_000
 
-BIG = random.Random(7).randbytes(5 << 20)  # over ctr-remote's 4 MiB chunk size: two chunks
 FILES: dict[str, bytes] = {
     "etc/hostname": b"lazysnap\n",
-    "app/big.bin": BIG,
+    "app/big.bin": random.Random(7).randbytes(5 << 20),  # over ctr-remote's 4 MiB chunk size
     "app/empty": b"",
     "app/text.txt": b"the quick brown fox\n" * 5000,
     "app/nested/deep/file": b"deep\n",
@@ -51,137 +60,110 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _layer_tar() -> bytes:
+def _runtime_files() -> dict[str, bytes]:
+    """/bin/dash as bin/sh plus the libraries ldd names, so a container can run ``sh -c``."""
+    files = {"bin/sh": Path("/bin/dash").read_bytes()}
+    ldd = subprocess.run(["ldd", "/bin/dash"], capture_output=True, text=True, check=True).stdout
+    for path in re.findall(r"(/\S+) \(0x", ldd):
+        files[path.lstrip("/")] = Path(os.path.realpath(path)).read_bytes()
+    return files
+
+
+def _layer_tar(files: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name in ("app", "app/nested", "app/nested/deep", "etc"):
+        dirs = sorted({str(Path(p).parents[i]) for p in files for i in range(len(Path(p).parents) - 1)})
+        for name in dirs:
             info = tarfile.TarInfo(name)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
             archive.addfile(info)
-        for name, data in FILES.items():
+        for name, data in files.items():
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+            info.size, info.mtime = len(data), MTIME
+            info.mode = 0o755 if name.startswith(("bin/", "lib")) else 0o644
             archive.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("app/link")
-        link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "text.txt", 1_700_000_000
-        archive.addfile(link)
+        for name, kind, target in (
+            ("app/link", tarfile.SYMTYPE, "text.txt"),
+            ("app/fifo", tarfile.FIFOTYPE, ""),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mtime, info.mode = kind, target, MTIME, 0o644
+            archive.addfile(info)
     return out.getvalue()
 
 
+async def push_image(client: RegistryClient, ref_text: str, files: dict[str, bytes]) -> None:
+    """Push a one-layer linux/amd64 OCI image holding ``files`` as a plain gzip layer."""
+    ref = parse_reference(ref_text)
+    tar = _layer_tar(files)
+    layer = await client.push_blob(ref, gzip.compress(tar, mtime=0), media_type=OCI_LAYER_GZIP)
+    config_json = {
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [_digest(tar)]},
+    }
+    config = await client.push_blob(ref, json.dumps(config_json).encode(), media_type=OCI_CONFIG)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config.to_json(),
+        "layers": [Descriptor(OCI_LAYER_GZIP, layer.digest, layer.size).to_json()],
+    }
+    await client.push_manifest(ref, json.dumps(manifest).encode(), OCI_MANIFEST)
+
+
 @pytest.fixture
-def registry_url(tmp_path: Path) -> Iterator[str]:
+def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
     """A docker-registry on 127.0.0.1 with filesystem storage."""
     if shutil.which("docker-registry") is None:
         pytest.skip("needs docker-registry")
-    with LocalRegistry(tmp_path / "registry") as registry:
-        yield registry.url
+    with LocalRegistry(tmp_path / "registry") as running:
+        yield running
 
 
-def _push_blob(client: httpx.Client, url: str, repo: str, data: bytes) -> str:
-    digest = _digest(data)
-    start = client.post(f"{url}/v2/{repo}/blobs/uploads/")
-    start.raise_for_status()
-    # The upload URL carries its own query (_state); add the digest to it, don't replace it.
-    location = httpx.URL(url).join(start.headers["location"]).copy_merge_params({"digest": digest})
-    done = client.put(location, content=data)
-    done.raise_for_status()
-    return digest
+@pytest.fixture
+async def source_image(registry: LocalRegistry) -> str:
+    """The reference of a pushed gzip image with FILES and a shell."""
+    ref = f"{registry.host}/src:v1"
+    async with RegistryClient(plain_http=True) as client:
+        await push_image(client, ref, {**FILES, **_runtime_files()})
+    return ref
 
 
-def push_gzip_image(url: str, repo: str, tag: str) -> None:
-    """Push a one-layer linux/amd64 OCI image with FILES as a plain gzip layer."""
-    tar = _layer_tar()
-    layer = gzip.compress(tar, mtime=0)
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {},
-            "rootfs": {"type": "layers", "diff_ids": [_digest(tar)]},
-        }
-    ).encode()
-    with httpx.Client() as client:
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": OCI_CONFIG,
-                "digest": _push_blob(client, url, repo, config),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": OCI_LAYER_GZIP,
-                    "digest": _push_blob(client, url, repo, layer),
-                    "size": len(layer),
-                }
-            ],
-        }
-        body = json.dumps(manifest).encode()
-        client.put(
-            f"{url}/v2/{repo}/manifests/{tag}", content=body, headers={"content-type": OCI_MANIFEST}
-        ).raise_for_status()
-
-
-def fetch_manifest(url: str, repo: str, tag: str) -> dict[str, Any]:
-    """The linux/amd64 image manifest of ``repo:tag`` (following an index if there is one)."""
-    accept = {"accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
-    with httpx.Client() as client:
-        doc: dict[str, Any] = (
-            client.get(f"{url}/v2/{repo}/manifests/{tag}", headers=accept).raise_for_status().json()
-        )
-        if doc.get("mediaType") == OCI_INDEX or "manifests" in doc:
-            chosen = next(m for m in doc["manifests"] if m.get("platform", {}).get("architecture") == "amd64")
-            doc = (
-                client.get(f"{url}/v2/{repo}/manifests/{chosen['digest']}", headers=accept)
-                .raise_for_status()
-                .json()
-            )
-    return doc
-
-
-class RangeSource:
-    """read_range over HTTP Range requests to the registry, counting requests."""
-
-    def __init__(self, client: httpx.AsyncClient, blob_url: str) -> None:
-        self.client = client
-        self.blob_url = blob_url
-        self.calls = 0
-
-    async def __call__(self, offset: int, length: int) -> bytes:
-        self.calls += 1
-        headers = {"range": f"bytes={offset}-{offset + length - 1}"}
-        response = await self.client.get(self.blob_url, headers=headers)
-        assert response.status_code == 206, response.status_code
-        return response.content
-
-
-async def test_ctr_remote_converted_layer(containerd: Containerd, registry_url: str) -> None:
+async def test_ctr_remote_converted_layer(
+    containerd: Containerd, registry: LocalRegistry, source_image: str
+) -> None:
     """Every regular file of a ctr-remote eStargz layer reads back equal to the original, the TOC verifies."""
     if shutil.which("ctr-remote") is None:
         pytest.skip("needs ctr-remote (Debian stargz-snapshotter)")
-    host = registry_url.removeprefix("http://")
-    push_gzip_image(registry_url, "src", "v1")
-    containerd.ctr("image", "pull", "--plain-http", f"{host}/src:v1")
-    containerd.ctr_remote("image", "convert", "--estargz", "--oci", f"{host}/src:v1", f"{host}/dst:v1")
-    containerd.ctr("image", "push", "--plain-http", f"{host}/dst:v1")
+    target = f"{registry.host}/dst:v1"
+    containerd.ctr("image", "pull", "--plain-http", source_image)
+    containerd.ctr_remote("image", "convert", "--estargz", "--oci", source_image, target)
+    containerd.ctr("image", "push", "--plain-http", target)
 
-    manifest = fetch_manifest(registry_url, "dst", "v1")
-    [layer] = manifest["layers"]
-    toc_digest = layer["annotations"][TOC_DIGEST_ANNOTATION]
-    blob_url = f"{registry_url}/v2/dst/blobs/{layer['digest']}"
-    async with httpx.AsyncClient() as client:
-        blob = (await client.get(blob_url)).raise_for_status().content
-        assert _digest(blob) == layer["digest"]
-        source = RangeSource(client, blob_url)
+    # Plain httpx here, not RegistryClient.resolve/read_range: those leave httpx's aiter_raw
+    # unclosed when a body ends exactly (a ResourceWarning, an error under filterwarnings).
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        accept = {"accept": OCI_MANIFEST}
+        manifest = (await http.get("/v2/dst/manifests/v1", headers=accept)).raise_for_status().json()
+        [layer] = [parse_descriptor(d, "converted layer") for d in manifest["layers"]]
+        blob_path = f"/v2/dst/blobs/{layer.digest}"
+        blob = (await http.get(blob_path)).raise_for_status().content
+        assert _digest(blob) == layer.digest
+        calls = 0
+
+        async def read_range(offset: int, length: int) -> bytes:
+            nonlocal calls
+            calls += 1
+            response = await http.get(blob_path, headers={"range": f"bytes={offset}-{offset + length - 1}"})
+            assert response.status_code == 206
+            return response.content
+
+        toc_digest = layer.annotations[TOC_DIGEST_ANNOTATION]
         result = await read_estargz(
-            source,
-            layer["size"],
-            digest=layer["digest"],
-            media_type=layer["mediaType"],
-            toc_digest=toc_digest,
+            read_range, layer.size, digest=layer.digest, media_type=layer.media_type, toc_digest=toc_digest
         )
-    assert source.calls <= 2
+    assert calls <= 2
     index = result.index
     assert index.format is LayerFormat.ESTARGZ and index.toc_digest == toc_digest
 
@@ -189,13 +171,15 @@ async def test_ctr_remote_converted_layer(containerd: Containerd, registry_url: 
     # ctr-remote convert (without optimize) marks the layer "prefetch nothing".
     assert result.prefetch_count == 0 and ".no.prefetch.landmark" not in by_path
     assert by_path["app/link"].type is EntryType.SYMLINK and by_path["app/link"].link_target == "text.txt"
+    assert by_path["app/fifo"].type is EntryType.FIFO
     assert by_path["app/nested/deep"].type is EntryType.DIR and by_path["app/nested/deep"].mode == 0o755
     assert len(by_path["app/big.bin"].chunks) >= 2, "ctr-remote chunks files over 4 MiB"
+    expected = {**FILES, **_runtime_files()}
     regular = {e.path: e for e in index.entries if e.type is EntryType.FILE}
-    assert set(regular) == set(FILES)
-    for path, data in FILES.items():
+    assert set(regular) == set(expected)
+    for path, data in expected.items():
         entry = regular[path]
-        assert entry.size == len(data) and entry.mtime_ns == 1_700_000_000 * 10**9
+        assert entry.size == len(data) and entry.mtime_ns == MTIME * 10**9
         got = b""
         for chunk in entry.chunks:
             member = gzip.decompress(blob[chunk.blob_offset : chunk.blob_end])
@@ -203,3 +187,29 @@ async def test_ctr_remote_converted_layer(containerd: Containerd, registry_url: 
             assert _digest(piece) == chunk.digest
             got += piece
         assert got == data, path
+
+    # The converted image is still an ordinary image: containerd unpacks and runs it.
+    run = containerd.ctr(
+        "run", "--rm", target, "esgz-run", "/bin/sh", "-c", "read l < /app/nested/deep/file; echo $l"
+    )
+    assert run.stdout == "deep\n"
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["running", "after-crash"])
+async def test_launcher_cleans_up(
+    containerd_factory: Callable[..., Containerd], source_image: str, crash: bool
+) -> None:
+    """Stopping the launcher ends containerd, shims and containers (also after containerd died), leaving nothing."""
+    instance = containerd_factory()
+    instance.ctr("image", "pull", "--plain-http", source_image)
+    # A container blocked forever on a FIFO: only the launcher's stop() can end it.
+    instance.ctr("run", "-d", source_image, "blocked", "/bin/sh", "-c", "read x < /app/fifo")
+    assert "RUNNING" in instance.ctr("task", "ls").stdout
+    assert len(instance.namespace_pids()) >= 3  # containerd, the shim, the container
+    if crash:
+        assert instance.pid is not None
+        os.kill(instance.pid, signal.SIGKILL)
+    instance.stop()
+    assert instance.namespace_pids() == []
+    assert not instance.base.exists()
+    assert str(instance.base) not in Path("/proc/self/mountinfo").read_text()

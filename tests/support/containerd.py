@@ -66,6 +66,7 @@ class Containerd:
         self.log_path = self.base / "containerd.log"
         self._process: subprocess.Popen[bytes] | None = None
         self._pinned = False
+        self._ns_inode = 0  # the mount namespace's inode number, kept to find its processes
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -90,6 +91,7 @@ class Containerd:
             capture_output=True,
         )
         self._pinned = True
+        self._ns_inode = os.stat(self.pin).st_ino
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 self.nsenter([CONTAINERD, "--config", str(self.config)]),
@@ -134,6 +136,11 @@ class Containerd:
                 raise RuntimeError(f"containerd not ready after {timeout} s: {result.stderr}\n{self.log()}")
             time.sleep(0.1)
 
+    @property
+    def pid(self) -> int | None:
+        """containerd's process id while it runs (nsenter execs it, so it is the Popen's pid)."""
+        return self._process.pid if self._process is not None else None
+
     def log(self) -> str:
         """containerd's log so far (for failure messages)."""
         try:
@@ -144,6 +151,7 @@ class Containerd:
     def stop(self) -> None:
         """Kill every process in the namespace (containerd, shims, containers), unmount, remove all."""
         if self._pinned:
+            self._delete_tasks()
             self._kill_namespace_processes()
         if self._process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -162,28 +170,54 @@ class Containerd:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    @staticmethod
-    def _pids_in(ns_inode: int) -> list[int]:
-        pids = []
+    def namespace_pids(self) -> list[int]:
+        """Our processes: those in this instance's mount namespace and all their descendants.
+
+        Descendants count because runc gives each container its own mount namespace; the
+        container still descends from its shim, which lives in ours.
+        """
+        if not self._ns_inode:
+            return []
+        children: dict[int, list[int]] = {}
+        found: list[int] = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
-            with contextlib.suppress(OSError):
-                if os.stat(f"/proc/{entry}/ns/mnt").st_ino == ns_inode:
-                    pids.append(int(entry))
-        return pids
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+                if os.stat(f"/proc/{entry}/ns/mnt").st_ino == self._ns_inode:
+                    found.append(int(entry))
+        result: set[int] = set()
+        while found:
+            pid = found.pop()
+            if pid not in result:
+                result.add(pid)
+                found.extend(children.get(pid, ()))
+        return sorted(result)
+
+    def _delete_tasks(self) -> None:
+        """Ask containerd to kill and delete every task, so runc also removes their cgroups."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        with contextlib.suppress(subprocess.SubprocessError):
+            listed = self.ctr("namespaces", "ls", "-q", check=False, timeout=10).stdout.split()
+            for namespace in listed:
+                prefix = [CTR, "--address", str(self.address), "--namespace", namespace]
+                tasks = self.run_in_namespace([*prefix, "task", "ls", "-q"], check=False, timeout=10).stdout
+                for task in tasks.split():
+                    self.run_in_namespace(
+                        [*prefix, "task", "delete", "--force", task], check=False, timeout=20
+                    )
 
     def _kill_namespace_processes(self) -> None:
-        try:
-            ns_inode = os.stat(self.pin).st_ino
-        except OSError:
-            return
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=5)
         for _ in range(50):
-            pids = [p for p in self._pids_in(ns_inode) if p != os.getpid()]
+            pids = [p for p in self.namespace_pids() if p != os.getpid()]
             if not pids:
                 return
             for pid in pids:
