@@ -2,8 +2,8 @@
 
 Pipeline: push a small gzip image to a local docker-registry, pull it into a private
 containerd (tests/support/containerd.py), convert it with ctr-remote, push the result, then
-read the converted layer's footer and TOC over HTTP Range requests (the registry client's
-``read_range``, as the snapshotter will) and check every file against the original.
+read the converted layer's footer and TOC over HTTP Range requests and check every file
+against the original.
 The image carries /bin/sh and its libraries from the host, so containers can run it.
 """
 
@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
-import json
 import os
 import random
 import re
 import shutil
 import signal
 import subprocess
-import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,23 +25,30 @@ import pytest
 
 from index.estargz import TOC_DIGEST_ANNOTATION, read_estargz
 from index.model import EntryType, LayerFormat
-from snapshotter.local_registry import LocalRegistry
-from snapshotter.reference import parse_reference
-from snapshotter.registry_client import Descriptor, RegistryClient, parse_descriptor
+from snapshotter.registry_client import RegistryClient, parse_descriptor
+from tests.support.image_builder import (
+    DEFAULT_MTIME,
+    Layer,
+    directory,
+    fifo,
+    file,
+    make_layer,
+    push_image,
+    symlink,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tests.support.containerd import Containerd
+    from tests.support.registry import TestRegistry
 
 # Imported as a plugin (not directly) so pytest can rewrite its asserts.
 pytest_plugins = ["tests.support.containerd"]
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-MTIME = 1_700_000_000
+MTIME = DEFAULT_MTIME
 
 FILES: dict[str, bytes] = {
     "etc/hostname": b"lazysnap\n",
@@ -69,74 +72,33 @@ def _runtime_files() -> dict[str, bytes]:
     return files
 
 
-def _layer_tar(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        dirs = sorted({str(Path(p).parents[i]) for p in files for i in range(len(Path(p).parents) - 1)})
-        for name in dirs:
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
-            archive.addfile(info)
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), MTIME
-            info.mode = 0o755 if name.startswith(("bin/", "lib")) else 0o644
-            archive.addfile(info, io.BytesIO(data))
-        for name, kind, target in (
-            ("app/link", tarfile.SYMTYPE, "text.txt"),
-            ("app/fifo", tarfile.FIFOTYPE, ""),
-        ):
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname, info.mtime, info.mode = kind, target, MTIME, 0o644
-            archive.addfile(info)
-    return out.getvalue()
-
-
-async def push_image(client: RegistryClient, ref_text: str, files: dict[str, bytes]) -> None:
-    """Push a one-layer linux/amd64 OCI image holding ``files`` as a plain gzip layer."""
-    ref = parse_reference(ref_text)
-    tar = _layer_tar(files)
-    layer = await client.push_blob(ref, gzip.compress(tar, mtime=0), media_type=OCI_LAYER_GZIP)
-    config_json = {
-        "architecture": "amd64",
-        "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [_digest(tar)]},
-    }
-    config = await client.push_blob(ref, json.dumps(config_json).encode(), media_type=OCI_CONFIG)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": config.to_json(),
-        "layers": [Descriptor(OCI_LAYER_GZIP, layer.digest, layer.size).to_json()],
-    }
-    await client.push_manifest(ref, json.dumps(manifest).encode(), OCI_MANIFEST)
+def _layer(files: dict[str, bytes]) -> Layer:
+    """A gzip layer with ``files``, their directories, a symlink and a FIFO."""
+    dirs = sorted({str(parent) for p in files for parent in Path(p).parents if str(parent) != "."})
+    entries = [directory(d) for d in dirs]
+    entries += [
+        file(p, data, mode=0o755 if p.startswith(("bin/", "lib")) else 0o644) for p, data in files.items()
+    ]
+    entries += [symlink("app/link", "text.txt"), fifo("app/fifo")]
+    return make_layer(entries, "gzip")
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
-    """A docker-registry on 127.0.0.1 with filesystem storage."""
-    if shutil.which("docker-registry") is None:
-        pytest.skip("needs docker-registry")
-    with LocalRegistry(tmp_path / "registry") as running:
-        yield running
-
-
-@pytest.fixture
-async def source_image(registry: LocalRegistry) -> str:
+async def source_image(registry: TestRegistry, registry_client: RegistryClient) -> str:
     """The reference of a pushed gzip image with FILES and a shell."""
-    ref = f"{registry.host}/src:v1"
-    async with RegistryClient(plain_http=True) as client:
-        await push_image(client, ref, {**FILES, **_runtime_files()})
-    return ref
+    ref = registry.ref("esgz-src")
+    await push_image(registry_client, ref, [_layer({**FILES, **_runtime_files()})])
+    return str(ref)
 
 
 async def test_ctr_remote_converted_layer(
-    containerd: Containerd, registry: LocalRegistry, source_image: str
+    containerd: Containerd, registry: TestRegistry, source_image: str
 ) -> None:
     """Every regular file of a ctr-remote eStargz layer reads back equal to the original, the TOC verifies."""
     if shutil.which("ctr-remote") is None:
         pytest.skip("needs ctr-remote (Debian stargz-snapshotter)")
-    target = f"{registry.host}/dst:v1"
+    target_ref = registry.ref("esgz-dst")
+    target = str(target_ref)
     containerd.ctr("image", "pull", "--plain-http", source_image)
     containerd.ctr_remote("image", "convert", "--estargz", "--oci", source_image, target)
     containerd.ctr("image", "push", "--plain-http", target)
@@ -145,9 +107,12 @@ async def test_ctr_remote_converted_layer(
     # unclosed when a body ends exactly (a ResourceWarning, an error under filterwarnings).
     async with httpx.AsyncClient(base_url=registry.url) as http:
         accept = {"accept": OCI_MANIFEST}
-        manifest = (await http.get("/v2/dst/manifests/v1", headers=accept)).raise_for_status().json()
+        repo = f"/v2/{target_ref.repository}"
+        manifest = (
+            (await http.get(f"{repo}/manifests/{target_ref.tag}", headers=accept)).raise_for_status().json()
+        )
         [layer] = [parse_descriptor(d, "converted layer") for d in manifest["layers"]]
-        blob_path = f"/v2/dst/blobs/{layer.digest}"
+        blob_path = f"{repo}/blobs/{layer.digest}"
         blob = (await http.get(blob_path)).raise_for_status().content
         assert _digest(blob) == layer.digest
         calls = 0
