@@ -76,7 +76,13 @@ def test_implicit_parents_get_defaults() -> None:
 
 def test_hardlinks_share_one_node_and_count_links() -> None:
     """Hardlinks across directories are one node whose nlink counts the names."""
-    layer = [d("a"), d("b"), f("a/f"), Entry("b/g", T.HARDLINK, link_target="a/f"), Entry("h", T.HARDLINK, link_target="b/g")]
+    layer = [
+        d("a"),
+        d("b"),
+        f("a/f"),
+        Entry("b/g", T.HARDLINK, link_target="a/f"),
+        Entry("h", T.HARDLINK, link_target="b/g"),
+    ]
     tree = MergedTree.build([layer])
     f_node, g_node, h_node = tree.lookup("a/f"), tree.lookup("b/g"), tree.lookup("h")
     assert f_node is g_node is h_node and f_node is not None
