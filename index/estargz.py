@@ -13,8 +13,8 @@ speculative tail that also holds the footer, two otherwise.
 
 Errors: ``EstargzError`` (a ``LayerFormatError``) for anything malformed, naming the layer
 digest; ``UnsafePath`` for an entry that would replace the root or a hardlink to no earlier
-file (paths follow ``index.tar_entries.normalize_path``, the tar parser's rules); ``DigestMismatch`` when the TOC does not match the ``toc.digest`` annotation or a
-chunk does not match its ``chunkDigest``.
+file (paths follow ``index.tar_entries.normalize_path``, the tar parser's rules); ``DigestMismatch`` when the TOC does not match the ``toc.digest`` annotation. Reading
+file bytes (decompressing a chunk's member, checking ``chunkDigest``) is ``index.reader``'s job.
 """
 
 from __future__ import annotations
@@ -418,27 +418,3 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
     if building is not None:
         entries.append(building.finish())
     return entries, prefetch_count, prefetch_end
-
-
-def read_chunk(member: bytes, chunk: Chunk, *, what: str = "chunk") -> bytes:
-    """Return a chunk's bytes from its gzip member (blob[blob_offset:blob_end]), checked against its digest.
-
-    Raises EstargzError when the member is not gzip or too short, DigestMismatch on a bad digest.
-    """
-    decoder = zlib.decompressobj(31)
-    want = chunk.inner_offset + chunk.size
-    try:
-        out = decoder.decompress(member, want)
-    except zlib.error as exc:
-        raise EstargzError(f"{what}: not a gzip member: {exc}") from None
-    if len(out) < want:
-        raise EstargzError(f"{what}: gzip member ends after {len(out)} of {want} bytes")
-    data = out[chunk.inner_offset : want]
-    if chunk.digest:
-        algorithm, _, _ = chunk.digest.partition(":")
-        if algorithm != "sha256":
-            raise EstargzError(f"{what}: unsupported digest algorithm in {chunk.digest!r}")
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if actual != chunk.digest:
-            raise DigestMismatch(what, chunk.digest, actual)
-    return data
