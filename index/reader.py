@@ -1,0 +1,336 @@
+"""Random access to a file's bytes through a layer index, fetching only the compressed ranges needed.
+
+The uncompressed stream of a gzip or zstd layer is cut into *spans* at its seek points; span
+``i`` runs from seek point ``i`` to seek point ``i + 1`` (or the end). A read decodes the
+spans it touches from their seek points and keeps them in a bounded LRU, so the many small
+files of one span are inflated once; concurrent readers of a span share one decode. Plain tar
+is sliced directly; eStargz files are read chunk by chunk, each chunk verified against its
+digest. Bytes from ``read_range`` are trusted to be verified already (the blob cache checks
+them against ``LayerIndex.span_digests``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import zlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+
+import trio
+import zstandard
+
+from index.errors import DigestMismatch, LayerFormatError, TruncatedLayer
+from index.gzip_seek import GzipScanner
+from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex
+from index.zstd_frames import ZstdScanner
+
+# Decoding more compressed bytes than this runs in a worker thread, so the trio loop (which
+# also serves FUSE and HTTP) never stalls for more than a fraction of a millisecond.
+THREAD_THRESHOLD = 64 << 10
+# Spans larger than this are "not randomly accessible": a cold read would have to decode them.
+DEFAULT_MAX_SPAN = 16 << 20
+_STREAM_PIECE = 4 << 20  # fetch size when a span is too large to cache and is streamed instead
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """A range of the compressed blob: ``length`` bytes from ``offset``."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """The offset just past the range."""
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class _Span:
+    index: int
+    ustart: int
+    uend: int
+    cstart: int
+    cend: int
+
+
+def _span(index: LayerIndex, i: int) -> _Span:
+    p = index.seek_points[i]
+    if i + 1 < len(index.seek_points):
+        q = index.seek_points[i + 1]
+        # A checkpoint that starts inside a byte needs that byte to finish the span before it.
+        return _Span(
+            i,
+            p.uncompressed_offset,
+            q.uncompressed_offset,
+            p.compressed_offset,
+            q.compressed_offset + (1 if q.bits else 0),
+        )
+    return _Span(
+        i, p.uncompressed_offset, index.uncompressed_size, p.compressed_offset, index.compressed_size
+    )
+
+
+def _wanted(entry: Entry, offset: int, length: int) -> int:
+    if entry.type is not EntryType.FILE:
+        raise LayerFormatError(
+            f"entry {entry.path!r} is a {entry.type.value}, not a regular file; it has no data to read"
+        )
+    if offset < 0 or length < 0:
+        raise ValueError("offset and length must not be negative")
+    return max(0, min(length, entry.size - offset))
+
+
+def _spans_for(index: LayerIndex, start: int, end: int) -> list[_Span]:
+    starts = [p.uncompressed_offset for p in index.seek_points]
+    i = max(0, bisect.bisect_right(starts, start) - 1)
+    spans = []
+    while i < len(starts) and starts[i] < end:
+        spans.append(_span(index, i))
+        i += 1
+    return spans
+
+
+def _chunks_for(entry: Entry, offset: int, end: int) -> list[Chunk]:
+    return [c for c in entry.chunks if c.file_offset < end and c.file_offset + c.size > offset]
+
+
+def _merge(ranges: list[ByteRange]) -> list[ByteRange]:
+    merged: list[ByteRange] = []
+    for r in sorted(ranges, key=lambda r: r.offset):
+        if merged and r.offset <= merged[-1].end:
+            last = merged[-1]
+            merged[-1] = ByteRange(last.offset, max(last.end, r.end) - last.offset)
+        else:
+            merged.append(r)
+    return merged
+
+
+def plan_read(index: LayerIndex, entry: Entry, offset: int, length: int) -> list[ByteRange]:
+    """Return the compressed blob ranges needed to read ``length`` bytes of ``entry`` at ``offset``; raises LayerFormatError for non-files."""
+    n = _wanted(entry, offset, length)
+    if n == 0:
+        return []
+    if entry.chunks:
+        return _merge(
+            [
+                ByteRange(c.blob_offset, c.blob_end - c.blob_offset)
+                for c in _chunks_for(entry, offset, offset + n)
+            ]
+        )
+    start = entry.data_offset + offset
+    if index.format is LayerFormat.TAR:
+        return [ByteRange(start, n)]
+    return _merge([ByteRange(s.cstart, s.cend - s.cstart) for s in _spans_for(index, start, start + n)])
+
+
+def max_span_size(index: LayerIndex) -> int:
+    """Return the largest number of uncompressed bytes a cold read may have to decode (0 for plain tar)."""
+    if index.format is LayerFormat.TAR:
+        return 0
+    if index.format is LayerFormat.ESTARGZ:
+        return max((c.inner_offset + c.size for e in index.entries for c in e.chunks), default=0)
+    return max(
+        (s.uend - s.ustart for s in map(lambda i: _span(index, i), range(len(index.seek_points)))), default=0
+    )
+
+
+def is_randomly_accessible(index: LayerIndex, max_span: int = DEFAULT_MAX_SPAN) -> bool:
+    """Tell whether every byte of the layer can be read by decoding at most ``max_span`` bytes (false for single-frame zstd)."""
+    return max_span_size(index) <= max_span
+
+
+def _decode(index: LayerIndex, span: _Span, data: bytes, upto: int) -> bytes:
+    """Decode blob bytes starting at ``span``'s seek point; return uncompressed bytes from ``span.ustart`` to ``upto``."""
+    out: list[bytes] = []
+    point = index.seek_points[span.index]
+    scanner = (
+        GzipScanner(out.append, start=point)
+        if index.format is LayerFormat.GZIP
+        else ZstdScanner(out.append, start=point)
+    )
+    scanner.feed(data)
+    result = b"".join(out)
+    if len(result) < upto - span.ustart:
+        raise TruncatedLayer(
+            f"layer {index.digest}: span {span.index} decodes to {len(result)} bytes, the index expects {span.uend - span.ustart}"
+        )
+    return result[: upto - span.ustart]
+
+
+def _feed(scanner: GzipScanner | ZstdScanner, data: bytes) -> bytes:
+    scanner.feed(data)
+    return b""
+
+
+def _decode_member(data: bytes) -> bytes:
+    """Decompress one gzip member or zstd frame (an eStargz or zstd:chunked chunk)."""
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))
+    d = zlib.decompressobj(31)
+    out = d.decompress(data)
+    if not d.eof:
+        raise zlib.error("member is truncated")
+    return out
+
+
+class LayerReader:
+    """Reads file bytes of one layer through its index, fetching compressed ranges via ``read_range``.
+
+    Args:
+        index: the layer's index.
+        read_range: async ``(offset, length) -> bytes`` of the compressed blob (verified bytes).
+        decoded_cache_bytes: budget of the LRU of decoded spans and chunks.
+    """
+
+    def __init__(
+        self,
+        index: LayerIndex,
+        read_range: Callable[[int, int], Awaitable[bytes]],
+        *,
+        decoded_cache_bytes: int = 64 << 20,
+    ) -> None:
+        self.index = index
+        self._read_range = read_range
+        self._budget = decoded_cache_bytes
+        self._cache: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._cached_bytes = 0
+        self._inflight: dict[Hashable, trio.Event] = {}
+
+    async def read(self, entry: Entry, offset: int, length: int) -> bytes:
+        """Return ``min(length, entry.size - offset)`` bytes of ``entry`` from ``offset`` (b"" past EOF); raises IntegrityError/LayerFormatError."""
+        n = _wanted(entry, offset, length)
+        if n == 0:
+            return b""
+        if entry.chunks:
+            return await self._read_chunks(entry, offset, n)
+        start = entry.data_offset + offset
+        if self.index.format is LayerFormat.TAR:
+            return await self._fetch(start, n)
+        pieces = []
+        for span in _spans_for(self.index, start, start + n):
+            lo, hi = max(start, span.ustart), min(start + n, span.uend)
+            if span.uend - span.ustart > self._budget // 2:
+                pieces.append(await self._stream_span(span, lo, hi))
+                continue
+            data = await self._shared(span.index, self._decode_span, span)
+            pieces.append(data[lo - span.ustart : hi - span.ustart])
+        result = b"".join(pieces)
+        if len(result) != n:
+            raise LayerFormatError(
+                f"layer {self.index.digest}: seek points do not cover {entry.path!r} bytes {offset}..{offset + n}"
+            )
+        return result
+
+    async def _fetch(self, offset: int, length: int) -> bytes:
+        data = await self._read_range(offset, length)
+        if len(data) != length:
+            raise TruncatedLayer(
+                f"layer {self.index.digest}: asked for {length} bytes at {offset}, got {len(data)}"
+            )
+        return data
+
+    async def _decode_span(self, span: _Span) -> bytes:
+        data = await self._fetch(span.cstart, span.cend - span.cstart)
+        return await self._cpu(len(data), _decode, self.index, span, data, span.uend)
+
+    async def _cpu(self, size: int, fn: Callable[..., bytes], *args: object) -> bytes:
+        """Run a decode inline when small, in a worker thread when large; name the layer in errors."""
+        try:
+            if size <= THREAD_THRESHOLD:
+                return fn(*args)
+            return await trio.to_thread.run_sync(fn, *args)
+        except zlib.error as exc:
+            raise LayerFormatError(f"layer {self.index.digest}: corrupt compressed data: {exc}") from None
+        except LayerFormatError as exc:
+            if self.index.digest in str(exc):
+                raise
+            raise type(exc)(f"layer {self.index.digest}: {exc}") from None
+
+    async def _stream_span(self, span: _Span, lo: int, hi: int) -> bytes:
+        """Decode a span too large to cache from its seek point up to ``hi``, fetching it piece by piece."""
+        out: list[bytes] = []
+        pos = span.ustart  # uncompressed offset of the next output byte
+
+        def keep(data: bytes) -> None:
+            nonlocal pos
+            if pos + len(data) > lo and pos < hi:
+                out.append(data[max(0, lo - pos) : hi - pos])
+            pos += len(data)
+
+        point = self.index.seek_points[span.index]
+        gz = self.index.format is LayerFormat.GZIP
+        scanner = GzipScanner(keep, start=point) if gz else ZstdScanner(keep, start=point)
+        coff = span.cstart
+        while pos < hi and coff < span.cend:
+            piece = await self._fetch(coff, min(_STREAM_PIECE, span.cend - coff))
+            coff += len(piece)
+            await self._cpu(len(piece), _feed, scanner, piece)
+        if pos < hi:
+            raise TruncatedLayer(
+                f"layer {self.index.digest}: span {span.index} ends before uncompressed byte {hi}"
+            )
+        return b"".join(out)
+
+    async def _read_chunks(self, entry: Entry, offset: int, n: int) -> bytes:
+        pieces = []
+        for chunk in _chunks_for(entry, offset, offset + n):
+            data = await self._shared(("chunk", chunk), self._load_chunk, entry, chunk)
+            lo = max(offset, chunk.file_offset) - chunk.file_offset
+            hi = min(offset + n, chunk.file_offset + chunk.size) - chunk.file_offset
+            pieces.append(data[lo:hi])
+        result = b"".join(pieces)
+        if len(result) != n:
+            raise LayerFormatError(
+                f"layer {self.index.digest}: chunks of {entry.path!r} do not cover bytes {offset}..{offset + n}"
+            )
+        return result
+
+    async def _load_chunk(self, entry: Entry, chunk: Chunk) -> bytes:
+        compressed = await self._fetch(chunk.blob_offset, chunk.blob_end - chunk.blob_offset)
+        member = await self._cpu(len(compressed), _decode_member, compressed)
+        data = member[chunk.inner_offset : chunk.inner_offset + chunk.size]
+        if len(data) != chunk.size:
+            raise LayerFormatError(
+                f"layer {self.index.digest}: chunk at {chunk.file_offset} of {entry.path!r} is short"
+            )
+        if chunk.digest:
+            actual = "sha256:" + hashlib.sha256(data).hexdigest()
+            if actual != chunk.digest:
+                raise DigestMismatch(
+                    f"layer {self.index.digest}: chunk at {chunk.file_offset} of {entry.path!r}",
+                    chunk.digest,
+                    actual,
+                )
+        return data
+
+    async def _shared(self, key: Hashable, produce: Callable[..., Awaitable[bytes]], *args: object) -> bytes:
+        """Return the cached value of ``key``, or produce it once however many tasks ask at the same time."""
+        while True:
+            data = self._cache.get(key)
+            if data is not None:
+                self._cache.move_to_end(key)
+                return data
+            event = self._inflight.get(key)
+            if event is None:
+                break
+            await event.wait()  # if its producer failed, the loop makes this task try itself
+        event = self._inflight[key] = trio.Event()
+        try:
+            data = await produce(*args)
+            self._remember(key, data)
+            return data
+        finally:
+            del self._inflight[key]
+            event.set()
+
+    def _remember(self, key: Hashable, data: bytes) -> None:
+        if len(data) > self._budget:
+            return
+        self._cache[key] = data
+        self._cached_bytes += len(data)
+        while self._cached_bytes > self._budget:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= len(old)
