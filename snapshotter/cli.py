@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import click
 
 from index.errors import LazysnapError
+from snapshotter.errors import UsageError
+
+DEFAULT_ROOT = "/var/lib/lazysnap"
+EXIT_USAGE = 2
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,14 +30,149 @@ def demo() -> None:
 
 
 @cli.command()
-@click.option("--root", required=True, type=click.Path(file_okay=False), help="State directory (metadata, cache, mounts).")
-@click.option("--address", required=True, type=click.Path(dir_okay=False), help="Unix socket to serve the Snapshots API on.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), help="TOML config file.")
+@click.option(
+    "--root",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="State directory (metadata, cache, mounts).",
+)
+@click.option(
+    "--address",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Unix socket to serve the Snapshots API on.",
+)
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, exists=True), help="TOML config file."
+)
 def serve(root: str, address: str, config_path: str | None) -> None:
     """Serve containerd's snapshot API as a proxy plugin on a unix socket."""
     from snapshotter.daemon import serve_forever
 
     sys.exit(serve_forever(root=root, address=address, config_path=config_path))
+
+
+ROOT_OPTION = click.option(
+    "--root",
+    default=DEFAULT_ROOT,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="State directory: blob cache, stored indexes, mount records.",
+)
+
+
+@cli.command()
+@click.argument("reference")
+@click.argument("mountpoint", type=click.Path())
+@ROOT_OPTION
+@click.option(
+    "--plain-http", is_flag=True, help="Use plain HTTP for this registry (automatic for localhost)."
+)
+@click.option("--foreground", is_flag=True, help="Stay attached: serve until unmounted or interrupted.")
+@click.option(
+    "--eager", is_flag=True, help="Download and unpack every layer first (the baseline), then bind-mount."
+)
+@click.option(
+    "--no-background-fetch",
+    is_flag=True,
+    help="Fetch only what is read; don't fill layers in the background.",
+)
+@click.option(
+    "--docker-config",
+    type=click.Path(dir_okay=False),
+    help="Credentials file (default ~/.docker/config.json).",
+)
+@click.option("--status-fd", type=int, hidden=True)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def mount(
+    reference: str,
+    mountpoint: str,
+    root: str,
+    plain_http: bool,
+    foreground: bool,
+    eager: bool,
+    no_background_fetch: bool,
+    docker_config: str | None,
+    status_fd: int | None,
+    verbose: bool,
+) -> None:
+    """Mount image REFERENCE at MOUNTPOINT; file bytes are fetched when something reads them."""
+    from rich.console import Console
+
+    from snapshotter.mount_command import check_mountpoint, spawn_daemon
+
+    _configure_logging(verbose)
+    check_mountpoint(mountpoint)
+    if eager:
+        from snapshotter.eager_mount import run_eager_mount
+
+        sys.exit(
+            run_eager_mount(
+                reference, mountpoint, root, plain_http=plain_http, docker_config_path=docker_config
+            )
+        )
+    if foreground or status_fd is not None:
+        from snapshotter.mount_daemon import MountOptions, run_mount_daemon
+
+        options = MountOptions(
+            reference=reference,
+            mountpoint=os.path.realpath(mountpoint),
+            root=root,
+            plain_http=plain_http,
+            background_fetch=not no_background_fetch,
+            docker_config_path=docker_config,
+        )
+        sys.exit(run_mount_daemon(options, status_fd))
+    argv = [
+        sys.executable,
+        "-m",
+        "snapshotter.cli",
+        "mount",
+        "--foreground",
+        "--root",
+        root,
+        reference,
+        mountpoint,
+    ]
+    if plain_http:
+        argv.append("--plain-http")
+    if no_background_fetch:
+        argv.append("--no-background-fetch")
+    if docker_config:
+        argv += ["--docker-config", docker_config]
+    if verbose:
+        argv.append("--verbose")
+    sys.exit(spawn_daemon(argv, root, mountpoint, Console(stderr=True)))
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path())
+@ROOT_OPTION
+def umount(mountpoint: str, root: str) -> None:
+    """Unmount a lazysnap mount and stop its daemon."""
+    from snapshotter.mount_command import umount_command
+
+    sys.exit(umount_command(root, mountpoint))
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path())
+@ROOT_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def stats(mountpoint: str, root: str, as_json: bool) -> None:
+    """Show per-layer statistics of a running mount: how each layer is served, bytes fetched, hits."""
+    from rich.console import Console
+
+    from snapshotter.mount_command import stats_command
+
+    sys.exit(stats_command(root, mountpoint, as_json, Console()))
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def main() -> None:
@@ -40,4 +181,8 @@ def main() -> None:
         cli(standalone_mode=True)
     except LazysnapError as error:
         click.echo(f"lazysnap: {error}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_USAGE if isinstance(error, UsageError) else 1)
+
+
+if __name__ == "__main__":
+    main()

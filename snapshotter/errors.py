@@ -14,6 +14,7 @@ They extend the tree rooted in ``index.errors.LazysnapError``::
      +-- FetchError                   the registry could not be reached or read
      |    +-- FetchTimeout            a request ran over its deadline after every retry
      |    +-- TruncatedResponse       the body ended before its announced length
+     +-- UsageError                   a command was given something it can't use (exit code 2)
      +-- SnapshotError                containerd snapshot API errors (map to gRPC codes)
           +-- SnapshotNotFound        NOT_FOUND
           +-- AlreadyExists           ALREADY_EXISTS
@@ -64,6 +65,10 @@ class FetchTimeout(FetchError):
 
 class TruncatedResponse(FetchError):
     """A response body ended before the length it announced."""
+
+
+class UsageError(LazysnapError):
+    """A command was given something it can't use: a bad mount point, an unknown mount."""
 
 
 class SnapshotError(LazysnapError):

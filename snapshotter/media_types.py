@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from index.model import LayerFormat
 from snapshotter.errors import UnsupportedMediaType
 
 Compression = Literal["tar", "gzip", "zstd"]
@@ -74,3 +75,11 @@ def layer_media_type(compression: Compression, *, docker: bool = False) -> str:
     if docker:
         return {"tar": DOCKER_LAYER, "gzip": DOCKER_LAYER_GZIP, "zstd": DOCKER_LAYER_ZSTD}[compression]
     return {"tar": OCI_LAYER, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}[compression]
+
+
+def layer_format(media_type: str, context: str = "layer") -> LayerFormat:
+    """Return the index format of a layer of ``media_type``; raises UnsupportedMediaType for other types."""
+    return _LAYER_FORMAT[layer_compression(media_type, context)]
+
+
+_LAYER_FORMAT = {"tar": LayerFormat.TAR, "gzip": LayerFormat.GZIP, "zstd": LayerFormat.ZSTD}

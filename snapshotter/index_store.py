@@ -1,0 +1,55 @@
+"""Layer indexes kept on local disk, one file per compressed blob digest, shared by all mounts."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from index.errors import LayerFormatError
+from index.model import LayerIndex
+from index.serialize import load_index_file, save_index
+
+log = logging.getLogger(__name__)
+
+
+class IndexStore:
+    """A directory of stored indexes: ``ROOT/sha256/<hex>.idx``."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        """Where the index of ``digest`` is stored (the digest is validated so it can't name another path).
+
+        Raises:
+            ValueError: ``digest`` is not a sha256 digest.
+        """
+        algorithm, _, hexpart = digest.partition(":")
+        if algorithm != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self.root / algorithm / f"{hexpart}.idx"
+
+    def get(self, digest: str) -> LayerIndex | None:
+        """Return the stored index of a blob, or None; a corrupt or old-version file is dropped and logged."""
+        path = self.path(digest)
+        if not path.exists():
+            return None
+        try:
+            index = load_index_file(path)
+        except LayerFormatError as error:
+            log.warning("index-store-drop digest=%s reason=%s", digest, error)
+            path.unlink(missing_ok=True)
+            return None
+        if index.digest != digest:
+            log.warning("index-store-drop digest=%s reason=stored index is for %s", digest, index.digest)
+            path.unlink(missing_ok=True)
+            return None
+        return index
+
+    def put(self, index: LayerIndex) -> None:
+        """Store an index atomically under its blob digest."""
+        path = self.path(index.digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_index(path, index)

@@ -1,0 +1,236 @@
+"""Getting each layer's index the cheapest way, and serving its file bytes through the cache.
+
+For every layer descriptor, in this order:
+
+1. ``lazy: stored index``      an index of this blob is in the local index store;
+2. ``lazy: estargz toc``       the blob carries its own table of contents (eStargz footer);
+3. ``indexed during download`` stream the blob once: the index is built from the stream while
+                               the same bytes fill the cache, so nothing is fetched twice.
+
+A layer whose index does not allow random access (a single-frame zstd blob) is still served:
+its blob is then complete in the cache after the download, and ``how`` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from index.builder import LayerIndexBuilder
+from index.errors import DigestMismatch, LayerFormatError, LazysnapError
+from index.estargz import read_estargz_index
+from index.model import Entry, LayerFormat, LayerIndex
+from index.reader import LayerReader, is_randomly_accessible
+from index.uncompressed import open_tar_stream
+from snapshotter.blob_cache import BlobCache, CachedBlob
+from snapshotter.index_store import IndexStore
+from snapshotter.media_types import layer_format
+from snapshotter.reference import Reference
+from snapshotter.registry_client import Descriptor, RegistryClient
+
+log = logging.getLogger(__name__)
+
+HOW_STORED = "lazy: stored index"
+HOW_ESTARGZ = "lazy: estargz toc"
+HOW_DOWNLOADED = "indexed during download"
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+# The cache's chunk size equals the index's span size, so each fetched chunk can be verified alone.
+SPAN_SIZE = 64 << 10
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Layer:
+    """One layer of a chain: its index, how it was obtained, and its cached blob."""
+
+    descriptor: Descriptor
+    index: LayerIndex
+    how: str
+    reason: str
+    blob: CachedBlob
+    reader: LayerReader
+    downloaded_bytes: int = 0
+    diff_id_verified: bool = False
+
+    async def read(self, entry: Entry, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes of a regular file at ``offset`` (fewer at EOF).
+
+        Raises:
+            IntegrityError: fetched bytes failed their digest.
+            FetchError: the registry could not be read after retries.
+        """
+        return await self.reader.read(entry, offset, length)
+
+    def stats(self) -> dict[str, object]:
+        """This layer's serving mode and counters, for ``lazysnap stats``."""
+        blob_stats = self.blob.stats
+        return {
+            "digest": self.descriptor.digest,
+            "media_type": self.descriptor.media_type,
+            "how": self.how,
+            "reason": self.reason,
+            "size": self.descriptor.size,
+            "bytes_fetched": blob_stats.bytes_fetched + self.downloaded_bytes,
+            "bytes_present": self.blob.present_bytes,
+            "fetch_requests": blob_stats.fetch_requests,
+            "background_bytes": blob_stats.background_bytes,
+            "cache_hits": blob_stats.hits,
+            "cache_misses": blob_stats.misses,
+            "integrity_failures": blob_stats.integrity_failures,
+            "verified": self.blob.verified,
+            "diff_id_verified": self.diff_id_verified,
+            "entries": len(self.index.entries),
+        }
+
+
+class LayerResolver:
+    """Obtains layer indexes for one image and opens their blobs in the shared cache."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        reference: Reference,
+        cache: BlobCache,
+        store: IndexStore,
+        *,
+        gzip_spacing: int = 1 << 20,
+    ) -> None:
+        self._client = client
+        self._reference = reference
+        self._cache = cache
+        self._store = store
+        self._gzip_spacing = gzip_spacing
+
+    def _fetcher(self, digest: str) -> Callable[[int, int], Awaitable[bytes]]:
+        async def fetch(offset: int, length: int) -> bytes:
+            return await self._client.read_range(self._reference, digest, offset, length)
+
+        return fetch
+
+    def _open_blob(self, descriptor: Descriptor, index: LayerIndex | None) -> CachedBlob:
+        blob = self._cache.open(
+            descriptor.digest, descriptor.size, self._fetcher(descriptor.digest), chunk_size=SPAN_SIZE
+        )
+        if index is not None and index.span_size == SPAN_SIZE and index.span_digests:
+            blob.set_span_digests(index.span_digests)
+        return blob
+
+    async def open_layer(
+        self, descriptor: Descriptor, diff_id: str = "", progress: Progress | None = None
+    ) -> Layer:
+        """Return a served layer for ``descriptor``, obtaining its index the cheapest way.
+
+        Raises:
+            LayerFormatError, IntegrityError: the blob is malformed or does not match its digest.
+            RegistryError, FetchError: the registry could not serve what was needed.
+        """
+        stored = self._store.get(descriptor.digest)
+        if stored is not None:
+            return self._layer(descriptor, stored, HOW_STORED, "an index of this blob was stored earlier")
+        fmt = layer_format(descriptor.media_type)
+        if fmt is LayerFormat.GZIP:
+            estargz = await self._try_estargz(descriptor)
+            if estargz is not None:
+                self._store.put(estargz)
+                return self._layer(descriptor, estargz, HOW_ESTARGZ, _estargz_reason(descriptor))
+        return await self._download_and_index(descriptor, fmt, diff_id, progress)
+
+    def _layer(self, descriptor: Descriptor, index: LayerIndex, how: str, reason: str) -> Layer:
+        blob = self._open_blob(descriptor, index)
+        if not is_randomly_accessible(index) and not blob.complete:
+            how, reason = HOW_DOWNLOADED, "the blob has no seek points (single zstd frame): it is read whole"
+        reader = LayerReader(index, blob.read)
+        return Layer(descriptor, index, how, reason, blob, reader)
+
+    async def _try_estargz(self, descriptor: Descriptor) -> LayerIndex | None:
+        """Read the eStargz footer and TOC if the blob has them; None when it is a plain gzip blob."""
+        blob = self._open_blob(descriptor, None)
+        toc_digest = descriptor.annotations.get(TOC_DIGEST_ANNOTATION)
+        try:
+            return await read_estargz_index(
+                blob.read,
+                descriptor.size,
+                digest=descriptor.digest,
+                media_type=descriptor.media_type,
+                toc_digest=toc_digest,
+            )
+        except DigestMismatch:
+            raise
+        except LayerFormatError as error:
+            if toc_digest:
+                raise  # the annotation says this is eStargz: a broken TOC is an error, not a plain gzip
+            log.debug("not eStargz: %s: %s", descriptor.digest, error)
+            return None
+
+    async def _download_and_index(
+        self, descriptor: Descriptor, fmt: LayerFormat, diff_id: str, progress: Progress | None
+    ) -> Layer:
+        """Stream the whole blob once: build its index and fill the cache from the same bytes."""
+        blob = self._open_blob(descriptor, None)
+        builder = LayerIndexBuilder(
+            descriptor.media_type,
+            fmt,
+            digest=descriptor.digest,
+            gzip_spacing=self._gzip_spacing,
+            span_size=SPAN_SIZE,
+        )
+        offset = 0
+        try:
+            async for piece in self._client.stream_blob(self._reference, descriptor.digest):
+                blob.store_stream(offset, piece)
+                builder.feed(piece)
+                offset += len(piece)
+                if progress is not None:
+                    progress(descriptor.digest, offset, descriptor.size)
+            index = await trio.to_thread.run_sync(builder.finish)
+        except LazysnapError:
+            blob.reset()
+            raise
+        if diff_id and index.diff_id != diff_id:
+            blob.reset()
+            raise DigestMismatch(f"layer {descriptor.digest} (uncompressed tar)", diff_id, index.diff_id)
+        blob.set_span_digests(index.span_digests)
+        blob.mark_verified()
+        self._store.put(index)
+        layer = self._layer(descriptor, index, HOW_DOWNLOADED, "no stored index and no TOC in the blob")
+        layer.downloaded_bytes = offset
+        layer.diff_id_verified = bool(diff_id)
+        return layer
+
+
+async def verify_layer(layer: Layer, diff_id: str) -> None:
+    """Check a complete cached blob against its digest and its DiffID, marking the layer verified.
+
+    Raises:
+        DigestMismatch: the blob or its uncompressed tar does not match (the cache entry is reset).
+    """
+    if not layer.blob.verified:
+        await layer.blob.verify_whole()
+    if diff_id and not layer.diff_id_verified:
+        actual = await trio.to_thread.run_sync(_diff_id_of, layer.blob.directory / "data", layer.index.format)
+        if actual != diff_id:
+            layer.blob.reset()
+            raise DigestMismatch(f"layer {layer.descriptor.digest} (uncompressed tar)", diff_id, actual)
+        layer.diff_id_verified = True
+
+
+def _diff_id_of(path: os.PathLike[str], fmt: LayerFormat) -> str:
+    """sha256 of the uncompressed tar of a local blob."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as raw:
+        stream = open_tar_stream(raw, fmt)
+        while block := stream.read(4 << 20):
+            hasher.update(block)
+    return "sha256:" + hasher.hexdigest()
+
+
+def _estargz_reason(descriptor: Descriptor) -> str:
+    if TOC_DIGEST_ANNOTATION in descriptor.annotations:
+        return "the blob's TOC, verified against its toc.digest annotation"
+    return "the blob's TOC (no toc.digest annotation: the TOC itself is not pinned)"

@@ -1,0 +1,245 @@
+"""The process behind ``lazysnap mount``: resolve the image, index its layers, serve them over FUSE.
+
+One trio loop runs everything: the registry client, the layer resolver, pyfuse3's main loop, the
+background fill of each layer and a small control socket answering ``lazysnap stats``. SIGTERM
+and SIGINT unmount the filesystem, which ends the loop; a dead mount is never left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from fusefs.merged_tree import MergedTree
+from fusefs.mount import run_filesystem, unmount
+from fusefs.operations import ReadOnlyOperations
+from index.errors import LazysnapError
+from index.model import Entry
+from snapshotter.blob_cache import BlobCache
+from snapshotter.index_store import IndexStore
+from snapshotter.layer_resolver import Layer, LayerResolver, verify_layer
+from snapshotter.mount_state import MountRecord, control_socket_path, remove_record, write_record
+from snapshotter.registry_client import RegistryClient, ResolvedImage
+
+log = logging.getLogger(__name__)
+
+# Layers resolved at once: each may be a whole-blob download, so a few in parallel fill the link
+# without starving the first layers the merge needs.
+PARALLEL_LAYER_OPENS = 3
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """Everything a mount daemon needs to know."""
+
+    reference: str
+    mountpoint: str
+    root: str
+    plain_http: bool = False
+    background_fetch: bool = True
+    docker_config_path: str | None = None
+
+
+class StatusPipe:
+    """JSON events for the command that started this daemon (one per line), or nothing."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._file = os.fdopen(fd, "w", buffering=1) if fd is not None else None
+
+    def send(self, event: str, **fields: Any) -> None:
+        """Send one event; a reader that went away is ignored."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(json.dumps({"event": event, **fields}) + "\n")
+        except (BrokenPipeError, OSError):
+            self._file = None
+
+    def close(self) -> None:
+        """Close the pipe, so the starting command sees EOF."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+
+
+class ChainSource:
+    """File bytes of a layer chain, for the FUSE operations."""
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self.layers = list(layers)
+
+    async def read(self, layer: int, entry: Entry, offset: int, length: int) -> bytes:
+        """Read a file's bytes from the layer that holds them.
+
+        Raises:
+            IntegrityError, FetchError: as the layer's reader raises them (FUSE answers EIO).
+        """
+        return await self.layers[layer].read(entry, offset, length)
+
+
+class MountDaemon:
+    """One mounted image: its layers, its filesystem and its statistics."""
+
+    def __init__(self, options: MountOptions, status: StatusPipe) -> None:
+        self.options = options
+        self.status = status
+        self.image: ResolvedImage | None = None
+        self.layers: list[Layer] = []
+        self.started = time.monotonic()
+        self.ready_seconds = 0.0
+        self.background_errors: list[str] = []
+
+    def stats(self) -> dict[str, Any]:
+        """The mount's statistics as one JSON-able document."""
+        layers = [layer.stats() for layer in self.layers]
+        return {
+            "reference": self.options.reference,
+            "mountpoint": self.options.mountpoint,
+            "mode": "lazy",
+            "pid": os.getpid(),
+            "ready_seconds": self.ready_seconds,
+            "background_fetch": self.options.background_fetch,
+            "background_errors": self.background_errors,
+            "image_size": sum(layer["size"] for layer in layers),
+            "bytes_fetched": sum(layer["bytes_fetched"] for layer in layers),
+            "layers": layers,
+        }
+
+    async def run(self) -> int:
+        """Mount, serve until unmounted or signalled, clean up; return the process exit code."""
+        options = self.options
+        cache = BlobCache(Path(options.root) / "cache")
+        store = IndexStore(Path(options.root) / "indexes")
+        try:
+            async with RegistryClient(
+                plain_http=options.plain_http, docker_config_path=options.docker_config_path
+            ) as client:
+                self.image = await client.resolve(options.reference)
+                resolver = LayerResolver(client, self.image.reference, cache, store)
+                await self._open_layers(resolver, self.image)
+                await self._serve()
+        except LazysnapError as error:
+            self.status.send("error", message=str(error))
+            log.error("mount failed: %s", error)
+            return 1
+        finally:
+            cache.close()
+            remove_record(options.root, options.mountpoint)
+            self.status.close()
+        return 0
+
+    async def _open_layers(self, resolver: LayerResolver, image: ResolvedImage) -> None:
+        opened: list[Layer | None] = [None] * len(image.layers)
+        limiter = trio.CapacityLimiter(PARALLEL_LAYER_OPENS)
+
+        def progress(digest: str, done: int, total: int) -> None:
+            self.status.send("progress", digest=digest, done=done, total=total)
+
+        async def open_one(number: int) -> None:
+            async with limiter:
+                descriptor = image.layers[number]
+                diff_id = image.diff_ids[number] if number < len(image.diff_ids) else ""
+                layer = await resolver.open_layer(descriptor, diff_id, progress)
+                opened[number] = layer
+                self.status.send(
+                    "layer", index=number, digest=descriptor.digest, how=layer.how, reason=layer.reason
+                )
+
+        async with trio.open_nursery() as nursery:
+            for number in range(len(image.layers)):
+                nursery.start_soon(open_one, number)
+        self.layers = [layer for layer in opened if layer is not None]
+
+    async def _serve(self) -> None:
+        options = self.options
+        tree = MergedTree.build([layer.index.entries for layer in self.layers])
+        operations = ReadOnlyOperations(tree, ChainSource(self.layers))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_filesystem, operations, options.mountpoint)
+            self.ready_seconds = time.monotonic() - self.started
+            nursery.start_soon(self._serve_control, control_socket_path(options.root, options.mountpoint))
+            nursery.start_soon(self._unmount_on_signal)
+            write_record(
+                options.root,
+                MountRecord(
+                    options.mountpoint,
+                    os.getpid(),
+                    options.reference,
+                    str(control_socket_path(options.root, options.mountpoint)),
+                    "lazy",
+                ),
+            )
+            stats = self.stats()
+            self.status.send(
+                "ready",
+                reference=options.reference,
+                seconds=self.ready_seconds,
+                bytes_fetched=stats["bytes_fetched"],
+                image_size=stats["image_size"],
+            )
+            self.status.close()
+            if options.background_fetch:
+                nursery.start_soon(self._background_fetch)
+            await self._wait_unmounted(nursery)
+
+    async def _wait_unmounted(self, nursery: trio.Nursery) -> None:
+        """Return when the filesystem task ended (unmounted), cancelling the helpers."""
+        # run_filesystem returns when the kernel unmounts us; the nursery then only holds helpers.
+        while True:
+            await trio.sleep(0.2)
+            if not any(task.name.endswith("run_filesystem") for task in nursery.child_tasks):
+                nursery.cancel_scope.cancel()
+                return
+
+    async def _unmount_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %s: unmounting %s", signum, self.options.mountpoint)
+                await trio.to_thread.run_sync(unmount, self.options.mountpoint)
+                return
+
+    async def _background_fetch(self) -> None:
+        """Fetch the rest of every layer at low priority, then verify it whole."""
+        assert self.image is not None
+        for number, layer in enumerate(self.layers):
+            diff_id = self.image.diff_ids[number] if number < len(self.image.diff_ids) else ""
+            try:
+                await layer.blob.fill()
+                await verify_layer(layer, diff_id)
+            except LazysnapError as error:
+                self.background_errors.append(f"layer {number}: {error}")
+                log.warning("background-fetch-failed layer=%s error=%s", layer.descriptor.digest, error)
+
+    async def _serve_control(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(16)
+        with listener:
+            while True:
+                conn, _ = await listener.accept()
+                with conn:
+                    await conn.recv(64)
+                    payload = json.dumps(self.stats()).encode()
+                    while payload:
+                        sent = await conn.send(payload)
+                        payload = payload[sent:]
+
+
+def run_mount_daemon(options: MountOptions, status_fd: int | None) -> int:
+    """Run a mount daemon in this process until the image is unmounted; return the exit code."""
+    daemon = MountDaemon(options, StatusPipe(status_fd))
+    return trio.run(daemon.run)
