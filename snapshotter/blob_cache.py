@@ -98,6 +98,16 @@ class CachedBlob:
         present = os.pread(self._present_fd, count, 0)
         self._present = bytearray(present.ljust(count, b"\0"))
 
+    def set_span_digests(self, span_digests: Sequence[str]) -> None:
+        """Check chunks fetched from now on against these span digests (one per chunk).
+
+        Raises:
+            ValueError: the digests do not cover the blob in this cache's chunk size.
+        """
+        if len(span_digests) != self.chunk_count:
+            raise ValueError(f"{self.digest}: {len(span_digests)} span digests for {self.chunk_count} chunks")
+        self._span_digests = list(span_digests)
+
     def close(self) -> None:
         """Close the blob's files."""
         for fd in (self._data_fd, self._present_fd):

@@ -63,7 +63,9 @@ async def test_a_second_read_of_the_same_range_is_served_locally(tmp_path: Path,
     blob.close()
 
 
-async def test_concurrent_readers_of_a_missing_chunk_cause_one_fetch(tmp_path: Path, blob_data: bytes) -> None:
+async def test_concurrent_readers_of_a_missing_chunk_cause_one_fetch(
+    tmp_path: Path, blob_data: bytes
+) -> None:
     """Eight readers of the same missing range wait for a single Range request."""
     registry = FakeRegistry(blob_data, delay=0.05)
     blob = BlobCache(tmp_path).open(_digest(blob_data), len(blob_data), registry.fetch, chunk_size=CHUNK)
@@ -106,7 +108,9 @@ async def test_a_span_that_fails_its_digest_is_not_used(tmp_path: Path, blob_dat
     blob.close()
 
 
-async def test_a_fetch_failure_reaches_every_waiter_and_later_reads_retry(tmp_path: Path, blob_data: bytes) -> None:
+async def test_a_fetch_failure_reaches_every_waiter_and_later_reads_retry(
+    tmp_path: Path, blob_data: bytes
+) -> None:
     """When the registry is down, readers get the error; once it is back, the same read succeeds."""
     registry = FakeRegistry(blob_data, delay=0.01)
     registry.fail = True
@@ -154,7 +158,9 @@ async def test_fill_fetches_the_rest_and_verifies_the_whole_blob(tmp_path: Path,
     blob.close()
 
 
-async def test_a_whole_blob_that_does_not_match_its_digest_is_forgotten(tmp_path: Path, blob_data: bytes) -> None:
+async def test_a_whole_blob_that_does_not_match_its_digest_is_forgotten(
+    tmp_path: Path, blob_data: bytes
+) -> None:
     """If the assembled blob hashes wrong, nothing of it stays marked present."""
     registry = FakeRegistry(blob_data)
     blob = BlobCache(tmp_path).open("sha256:" + "0" * 64, len(blob_data), registry.fetch, chunk_size=CHUNK)
