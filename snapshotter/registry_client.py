@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import platform as _platform
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import trio
@@ -159,6 +160,7 @@ class _Span:
     response: httpx.Response | None
     skip: int
     expected: int | None
+    more_follows: bool = False  # a 200 body goes on past what we want (the registry ignored Range)
 
 
 class RegistryClient:
@@ -331,9 +333,10 @@ class RegistryClient:
             try:
                 async with self._open_span(ref, digest, position, end) as span:
                     span_start = position
-                    async for chunk in self._span_body(span, chunk_size):
-                        position += len(chunk)
-                        yield chunk
+                    async with aclosing(self._span_body(span, chunk_size)) as body:
+                        async for chunk in body:
+                            position += len(chunk)
+                            yield chunk
                     if span.expected is None or position - span_start >= span.expected:
                         return
                     error = f"body ended after {position - span_start} of {span.expected} bytes"
@@ -347,23 +350,44 @@ class RegistryClient:
             await trio.sleep(self._session.policy.backoff(failures))
             failures += 1
 
-    async def _span_body(self, span: _Span, chunk_size: int) -> AsyncIterator[bytes]:
+    async def _span_body(self, span: _Span, chunk_size: int) -> AsyncGenerator[bytes, None]:
         if span.response is None or span.expected == 0:
             return
         skip, remaining = span.skip, span.expected
         # aiter_raw: blobs are served as-is; a Content-Encoding must not make us decompress a layer.
-        async for chunk in span.response.aiter_raw(chunk_size):
-            self.bytes_fetched += len(chunk)
-            if skip:
-                cut = min(skip, len(chunk))
-                chunk, skip = chunk[cut:], skip - cut
-            if remaining is not None:
-                chunk = chunk[:remaining]
-                remaining -= len(chunk)
-            if chunk:
-                yield chunk
-            if remaining == 0:
-                return  # a registry that ignored Range: stop reading, closing drops the rest
+        raw = cast(AsyncGenerator[bytes, None], span.response.aiter_raw(chunk_size))
+        async with aclosing(raw):
+            async for chunk in raw:
+                self.bytes_fetched += len(chunk)
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                if remaining is not None:
+                    chunk = chunk[:remaining]
+                    remaining -= len(chunk)
+                if chunk:
+                    yield chunk
+                if remaining == 0:
+                    await self._stop_reading(span, raw)
+                    return
+
+    async def _stop_reading(self, span: _Span, raw: AsyncGenerator[bytes, None]) -> None:
+        # httpx's body iterators are nested async generators; abandoning them mid-way leaves them to
+        # the garbage collector (and trio warns). So they always run to their end: a 206 body is
+        # complete by now. For a 200 that ignored Range, shutting down the socket's read side ends the
+        # body (after what the kernel already buffered) instead of downloading the rest of the blob;
+        # h11 then reports a short body and the pool drops the connection, which can't be reused anyway.
+        assert span.response is not None
+        network_stream = span.response.extensions.get("network_stream")
+        sock = network_stream.get_extra_info("socket") if network_stream is not None else None
+        if span.more_follows and sock is not None:
+            sock.shutdown(socket.SHUT_RD)
+        try:
+            async for chunk in raw:
+                self.bytes_fetched += len(chunk)
+        except httpx.TransportError:
+            if not span.more_follows:
+                raise
 
     @asynccontextmanager
     async def _open_span(
@@ -538,7 +562,7 @@ def _range_span(ref: Reference, what: str, response: httpx.Response, start: int,
     total = int(length) if length is not None and length.isdigit() else None
     stop: int | None = end if total is None else (total if end is None else min(end, total))
     expected = None if stop is None else max(0, stop - start)
-    return _Span(response, start, expected)
+    return _Span(response, start, expected, more_follows=total is None or (stop is not None and stop < total))
 
 
 def _location(ref: Reference, response: httpx.Response, what: str) -> str:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime
 import email.utils
 import random
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 import trio
@@ -206,10 +207,12 @@ async def _error_detail(response: httpx.Response) -> str:
     try:
         if not response.is_stream_consumed:
             body = b""
-            async for chunk in response.aiter_raw():
-                body += chunk
-                if len(body) > _ERROR_BODY_LIMIT:
-                    break
+            raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+            async with aclosing(raw):
+                async for chunk in raw:
+                    body += chunk
+                    if len(body) > _ERROR_BODY_LIMIT:
+                        break
         else:
             body = response.content
         errors = httpx.Response(200, content=body[:_ERROR_BODY_LIMIT]).json().get("errors", [])
