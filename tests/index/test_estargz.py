@@ -25,10 +25,20 @@ from index.model import Entry, EntryType, LayerFormat, LayerIndex
 from index.tar_entries import normalize_path
 from tests.support.estargz_writer import (
     EstargzBlob,
-    TarEntry,
     build_estargz,
     footer,
     gzip_member,
+)
+from tests.support.image_builder import (
+    TarEntry,
+    block_device,
+    char_device,
+    directory,
+    fifo,
+    file,
+    hardlink,
+    symlink,
+    whiteout,
 )
 
 MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -50,18 +60,18 @@ class CountingSource:
 def sample_entries() -> list[TarEntry]:
     big = hashlib.sha256(b"seed").digest() * (300_000 // 32)  # ~300 KB, several 64 KiB chunks
     return [
-        TarEntry("./", type="dir", mode=0o755),
-        TarEntry("./etc/", type="dir", mode=0o755, uid=1, gid=2, uname="bin", gname="daemon"),
-        TarEntry("etc/hosts", data=b"127.0.0.1 localhost\n", mode=0o644, mtime=1_700_000_000),
-        TarEntry("usr/bin/tool", data=big, mode=0o4755),
-        TarEntry("usr/bin/alias", type="symlink", linkname="tool"),
-        TarEntry("usr/bin/hard", type="hardlink", linkname="./usr/bin/tool"),
-        TarEntry("empty", data=b""),
-        TarEntry("dev/null", type="char", mode=0o666, devmajor=1, devminor=3),
-        TarEntry("dev/sda", type="block", mode=0o660, devmajor=8, devminor=0),
-        TarEntry("run/pipe", type="fifo"),
-        TarEntry("cap", data=b"x", xattrs={"security.capability": b"\x01\x00\x00\x02\x00\x20"}),
-        TarEntry("etc/.wh.gone", data=b""),
+        directory("./"),
+        directory("./etc/", uid=1, gid=2, uname="bin", gname="daemon"),
+        file("etc/hosts", b"127.0.0.1 localhost\n", mtime=1_700_000_000),
+        file("usr/bin/tool", big, mode=0o4755),
+        symlink("usr/bin/alias", "tool"),
+        hardlink("usr/bin/hard", "./usr/bin/tool"),
+        file("empty"),
+        char_device("dev/null", 1, 3),
+        block_device("dev/sda", 8, 0),
+        fifo("run/pipe"),
+        file("cap", b"x", xattrs={"security.capability": b"\x01\x00\x00\x02\x00\x20"}),
+        whiteout("etc/gone"),
     ]
 
 
@@ -170,20 +180,20 @@ class TestToc:
         assert [c.file_offset for c in tool.chunks] == [i * (64 << 10) for i in range(5)]
         assert all(a.blob_end == b.blob_offset for a, b in zip(tool.chunks, tool.chunks[1:], strict=False))
         for entry in source:
-            if entry.type == "reg" and entry.data:
-                indexed = next(e for e in entries if e.path == normalize_path(entry.name))
-                assert indexed.size == len(entry.data)
-                assert file_bytes(blob.blob, indexed) == entry.data
+            if entry.kind == "file" and entry.content:
+                indexed = next(e for e in entries if e.path == normalize_path(entry.path))
+                assert indexed.size == len(entry.content)
+                assert file_bytes(blob.blob, indexed) == entry.content
                 assert all(c.digest.startswith("sha256:") for c in indexed.chunks)
 
     async def test_inner_offsets(self) -> None:
         """Small files sharing one gzip member are found by their inner offsets."""
-        files = [TarEntry(f"f{i}", data=bytes([i]) * (100 + i)) for i in range(20)]
+        files = [file(f"f{i}", bytes([i]) * (100 + i)) for i in range(20)]
         blob = build_estargz(files, min_chunk_size=4096)
         entries, _ = await index_of(blob)
         assert any(c.inner_offset > 0 for e in entries for c in e.chunks)
         for source, entry in zip(files, entries, strict=True):
-            assert file_bytes(blob.blob, entry) == source.data
+            assert file_bytes(blob.blob, entry) == source.content
 
     async def test_index_fields(self) -> None:
         """The LayerIndex carries the format, digest, size and the verified TOC digest."""
@@ -226,7 +236,7 @@ class TestWithLayerReader:
         entries, counting = await index_of(blob)
         reader = reader_module.LayerReader(await _index(blob), counting)
         tool = next(e for e in entries if e.path == "usr/bin/tool")
-        data = source[3].data
+        data = source[3].content
         for offset, length in [
             (0, 10),
             (65530, 12),
@@ -236,7 +246,7 @@ class TestWithLayerReader:
         ]:
             assert await reader.read(tool, offset, length) == data[offset : offset + length]
         hosts = next(e for e in entries if e.path == "etc/hosts")
-        assert await reader.read(hosts, 0, 100) == source[2].data
+        assert await reader.read(hosts, 0, 100) == source[2].content
 
         # Chunk 1's member replaced by a valid member of other bytes, same length (nothing shifts).
         corrupt = bytearray(blob.blob)
@@ -301,7 +311,7 @@ class TestReads:
     @pytest.mark.parametrize("tail", [51, 100, 4096])
     async def test_large_toc_two_reads(self, tail: int) -> None:
         """A TOC larger than the speculative tail needs exactly one more read."""
-        files = [TarEntry(f"dir/file-{i:05}", data=b"%d" % i) for i in range(2000)]
+        files = [file(f"dir/file-{i:05}", b"%d" % i) for i in range(2000)]
         blob = build_estargz(files)
         entries, source = await index_of(blob, speculative_tail=tail)
         assert len(source.calls) == 2
@@ -316,14 +326,14 @@ class TestReads:
     async def test_any_layout(self, sizes: list[int], chunk_size: int, tail: int) -> None:
         """For any file sizes, chunk size and tail size: at most 2 reads and every byte right."""
         files = [
-            TarEntry(f"f{i}", data=(hashlib.sha256(b"%d" % i).digest() * (n // 32 + 1))[:n])
+            file(f"f{i}", (hashlib.sha256(b"%d" % i).digest() * (n // 32 + 1))[:n])
             for i, n in enumerate(sizes)
         ]
         blob = build_estargz(files, chunk_size=chunk_size)
         entries, source = await index_of(blob, speculative_tail=tail, toc_digest=blob.toc_digest)
         assert len(source.calls) <= 2
         for spec, entry in zip(files, entries, strict=True):
-            assert file_bytes(blob.blob, entry) == spec.data
+            assert file_bytes(blob.blob, entry) == spec.content
 
 
 class TestBadInput:
@@ -351,7 +361,7 @@ class TestBadInput:
 
     async def test_huge_toc(self) -> None:
         """A TOC over the size limit is refused before it is read."""
-        blob = build_estargz([TarEntry(f"f{i}", data=b"x") for i in range(500)])
+        blob = build_estargz([file(f"f{i}", b"x") for i in range(500)])
         with pytest.raises(LayerFormatError, match="limit"):
             await index_of(blob, max_toc_size=1000, speculative_tail=51)
 
@@ -398,7 +408,7 @@ class TestBadInput:
 
     async def test_paths_escaping_the_root(self) -> None:
         """Names with .. or a leading slash stay inside the layer root."""
-        blob = build_estargz([TarEntry("/../../etc/passwd", data=b"x"), TarEntry("a/../../b", type="dir")])
+        blob = build_estargz([file("/../../etc/passwd", b"x"), directory("a/../../b")])
         entries, _ = await index_of(blob)
         assert [e.path for e in entries] == ["etc/passwd", "b"]
 
@@ -419,7 +429,7 @@ class TestBadInput:
             await read_estargz_index(short, len(blob.blob), digest=blob.digest, media_type="")
 
     async def _expect_bad_toc(self, mutate: object, error: type[Exception] = EstargzError) -> None:
-        blob = build_estargz([TarEntry("d/", type="dir"), TarEntry("d/f", data=b"abc" * 1000)])
+        blob = build_estargz([directory("d/"), file("d/f", b"abc" * 1000)])
         toc = json.loads(blob.toc_json)
         mutate(toc["entries"])  # type: ignore[operator]
         toc_json = json.dumps(toc).encode()

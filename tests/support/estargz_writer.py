@@ -1,5 +1,9 @@
 """Build eStargz blobs in Python, for tests that need eStargz layers without containerd.
 
+Entries are the shared ``tests.support.image_builder.TarEntry`` (``file(...)``,
+``directory(...)``, ``symlink(...)`` ...), so one entry list can become a gzip layer with
+``make_layer`` or an eStargz blob with ``build_estargz``.
+
 Written from the format description (stargz-snapshotter docs/estargz.md, summarized in
 ``shared/notes/anchors.md`` section 4.3), not from ``index/estargz.py``, so a reader test
 that uses this writer checks the reader against the format rather than against itself.
@@ -24,8 +28,10 @@ import struct
 import tarfile
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from tests.support.image_builder import TarEntry, file
 
 TOC_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -33,8 +39,11 @@ NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENT = b"\x0f"
 DEFAULT_CHUNK_SIZE = 4 << 20
 
+# The TOC's type names for the shared entry kinds of tests.support.image_builder.
+_TOC_TYPES = {"file": "reg", "dir": "dir", "symlink": "symlink", "hardlink": "hardlink"}
+_TOC_TYPES |= {"char": "char", "block": "block", "fifo": "fifo"}
 _TAR_TYPES = {
-    "reg": tarfile.REGTYPE,
+    "file": tarfile.REGTYPE,
     "dir": tarfile.DIRTYPE,
     "symlink": tarfile.SYMTYPE,
     "hardlink": tarfile.LNKTYPE,
@@ -42,25 +51,6 @@ _TAR_TYPES = {
     "block": tarfile.BLKTYPE,
     "fifo": tarfile.FIFOTYPE,
 }
-
-
-@dataclass
-class TarEntry:
-    """One entry to put in the layer; ``type`` uses the TOC's names (reg, dir, symlink, ...)."""
-
-    name: str
-    type: str = "reg"
-    data: bytes = b""
-    mode: int = 0o644
-    uid: int = 0
-    gid: int = 0
-    uname: str = ""
-    gname: str = ""
-    mtime: int = 1_600_000_000
-    linkname: str = ""
-    devmajor: int = 0
-    devminor: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,21 +96,31 @@ def footer(toc_offset: int, *, legacy: bool = False) -> bytes:
     return header + extra + empty_final_stored_block + trailer
 
 
+def _xattr_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
 def _tar_header(entry: TarEntry) -> bytes:
-    info = tarfile.TarInfo(entry.name)
-    info.type = _TAR_TYPES[entry.type]
-    info.mode = entry.mode
+    info = tarfile.TarInfo(entry.path)
+    info.type = _TAR_TYPES[entry.kind]
+    info.mode = _mode(entry)
     info.uid, info.gid = entry.uid, entry.gid
     info.uname, info.gname = entry.uname, entry.gname
     info.mtime = entry.mtime
-    info.linkname = entry.linkname
+    info.linkname = entry.link
     info.devmajor, info.devminor = entry.devmajor, entry.devminor
-    info.size = len(entry.data) if entry.type == "reg" else 0
-    if entry.xattrs:
-        info.pax_headers = {
-            "SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape") for k, v in entry.xattrs.items()
-        }
+    info.size = len(entry.content) if entry.kind == "file" else 0
+    pax = dict(entry.pax)
+    for key, value in entry.xattrs.items():
+        pax["SCHILY.xattr." + key] = _xattr_bytes(value).decode("utf-8", "surrogateescape")
+    info.pax_headers = pax
     return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
+
+
+def _mode(entry: TarEntry) -> int:
+    if entry.mode is not None:
+        return entry.mode
+    return 0o777 if entry.kind == "symlink" else 0o755 if entry.kind == "dir" else 0o644
 
 
 def _modtime(seconds: int) -> str:
@@ -128,24 +128,25 @@ def _modtime(seconds: int) -> str:
 
 
 def _toc_entry(entry: TarEntry) -> dict[str, Any]:
-    record: dict[str, Any] = {"name": entry.name, "type": entry.type}
-    if entry.type == "reg":
-        record["size"] = len(entry.data)
-    record["modtime"] = _modtime(entry.mtime)
-    if entry.linkname:
-        record["linkName"] = entry.linkname
-    record["mode"] = entry.mode
+    kind = _TOC_TYPES[entry.kind]
+    record: dict[str, Any] = {"name": entry.path, "type": kind}
+    if kind == "reg":
+        record["size"] = len(entry.content)
+    record["modtime"] = _modtime(int(entry.mtime))
+    if entry.link:
+        record["linkName"] = entry.link
+    record["mode"] = _mode(entry)
     record["uid"], record["gid"] = entry.uid, entry.gid
     if entry.uname:
         record["userName"] = entry.uname
     if entry.gname:
         record["groupName"] = entry.gname
-    if entry.type in ("char", "block"):
+    if kind in ("char", "block"):
         record["devMajor"], record["devMinor"] = entry.devmajor, entry.devminor
     if entry.xattrs:
-        record["xattrs"] = {k: base64.b64encode(v).decode() for k, v in entry.xattrs.items()}
-    if entry.type == "reg" and entry.data:
-        record["digest"] = "sha256:" + hashlib.sha256(entry.data).hexdigest()
+        record["xattrs"] = {k: base64.b64encode(_xattr_bytes(v)).decode() for k, v in entry.xattrs.items()}
+    if kind == "reg" and entry.content:
+        record["digest"] = "sha256:" + hashlib.sha256(entry.content).hexdigest()
     return record
 
 
@@ -189,25 +190,25 @@ def build_estargz(
     """
     items = list(entries)
     if prefetch_count == 0:
-        items.insert(0, TarEntry(NO_PREFETCH_LANDMARK, data=LANDMARK_CONTENT))
+        items.insert(0, file(NO_PREFETCH_LANDMARK, LANDMARK_CONTENT))
     elif prefetch_count is not None:
-        items.insert(prefetch_count, TarEntry(PREFETCH_LANDMARK, data=LANDMARK_CONTENT))
+        items.insert(prefetch_count, file(PREFETCH_LANDMARK, LANDMARK_CONTENT))
 
     writer = _BlobWriter()
     toc_entries: list[dict[str, Any]] = []
     for entry in items:
         writer.add(_tar_header(entry))
         record = _toc_entry(entry)
-        if entry.type != "reg" or not entry.data:
+        if entry.kind != "file" or not entry.content:
             toc_entries.append(record)
             continue
         toc_entries.extend(_write_chunks(writer, entry, record, chunk_size, min_chunk_size))
-        writer.add(b"\0" * (-len(entry.data) % 512))
+        writer.add(b"\0" * (-len(entry.content) % 512))
 
     writer.close_member()
     toc_offset = len(writer.blob)
     toc_json = json.dumps({"version": 1, "entries": toc_entries}, indent="\t").encode()
-    toc_tar = _tar_header(TarEntry(TOC_NAME, data=toc_json, mtime=0))
+    toc_tar = _tar_header(file(TOC_NAME, toc_json, mtime=0))
     toc_tar += toc_json + b"\0" * (-len(toc_json) % 512) + b"\0" * 1024
     writer.blob += gzip_member(toc_tar)
     writer.tar += toc_tar
@@ -220,8 +221,8 @@ def _write_chunks(
 ) -> list[dict[str, Any]]:
     records = []
     record = first
-    for start in range(0, len(entry.data), chunk_size):
-        piece = entry.data[start : start + chunk_size]
+    for start in range(0, len(entry.content), chunk_size):
+        piece = entry.content[start : start + chunk_size]
         if len(writer.pending) >= min_chunk_size or start > 0:
             writer.close_member()
         record["offset"] = writer.member_start
@@ -231,10 +232,10 @@ def _write_chunks(
             record["chunkOffset"] = start
         # The format's convention: chunkSize 0 (omitted) means "up to the end of the file",
         # used for the last chunk when it is shorter than the chunk size.
-        if len(entry.data) - start >= chunk_size:
+        if len(entry.content) - start >= chunk_size:
             record["chunkSize"] = len(piece)
         record["chunkDigest"] = "sha256:" + hashlib.sha256(piece).hexdigest()
         writer.add(piece)
         records.append(record)
-        record = {"name": entry.name, "type": "chunk"}
+        record = {"name": entry.path, "type": "chunk"}
     return records
