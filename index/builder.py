@@ -10,6 +10,7 @@ the index itself, never by the blob.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import queue
 import threading
@@ -64,8 +65,11 @@ class _Hasher:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="index-hasher", daemon=True)
         self._thread.start()
-        # A builder dropped without finish() must not leave its thread blocked forever.
-        self._finalizer = weakref.finalize(self, self._queue.put, None)
+        self._closed = False
+
+    def stop_signal(self) -> Callable[[], None]:
+        """Return a callable that stops the thread and holds no reference to anything but the queue."""
+        return functools.partial(self._queue.put, None)
 
     def add(self, compressed: bool, data: bytes) -> None:
         """Queue ``data`` for hashing, as compressed blob bytes or as tar bytes."""
@@ -78,9 +82,11 @@ class _Hasher:
 
     def close(self) -> None:
         """Hash what is queued and stop the thread; re-raises an error of the thread."""
-        self._flush(True)
-        self._flush(False)
-        self._finalizer()
+        if not self._closed:
+            self._closed = True
+            self._flush(True)
+            self._flush(False)
+            self._queue.put(None)
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -152,6 +158,9 @@ class LayerIndexBuilder:
         self._name = digest or f"(undigested {media_type})"
         self._tar = TarEntryParser(self._name)
         self._hasher = _Hasher(span_size, hash_tar=self._format is not LayerFormat.TAR)
+        # A builder dropped without finish() (a download that failed) must not leave the
+        # hashing thread blocked forever; the thread itself holds no reference to the builder.
+        weakref.finalize(self, self._hasher.stop_signal())
         self._scanner = self._make_scanner(gzip_spacing)
         self._fed = 0
         self._error: BaseException | None = None
@@ -189,7 +198,9 @@ class LayerIndexBuilder:
         self._hasher.close()
         actual = "sha256:" + self._hasher.blob.hexdigest()
         if self._expected is not None and actual != self._expected:
-            self._error = DigestMismatch(f"layer {self._expected} ({self._fed} bytes downloaded)", self._expected, actual)
+            self._error = DigestMismatch(
+                f"layer {self._expected} ({self._fed} bytes downloaded)", self._expected, actual
+            )
             raise self._error
         self._name = self._tar.layer = actual
         self._guard(self._scanner.finish)
