@@ -168,11 +168,45 @@ def stats(mountpoint: str, root: str, as_json: bool) -> None:
     sys.exit(stats_command(root, mountpoint, as_json, Console()))
 
 
+@cli.group("index")
+def index_group() -> None:
+    """Layer indexes: build them once and publish them next to the image."""
+
+
+@index_group.command("push")
+@click.argument("reference")
+@ROOT_OPTION
+@click.option(
+    "--plain-http", is_flag=True, help="Use plain HTTP for this registry (automatic for localhost)."
+)
+@click.option(
+    "--docker-config",
+    type=click.Path(dir_okay=False),
+    help="Credentials file (default ~/.docker/config.json).",
+)
+def index_push(reference: str, root: str, plain_http: bool, docker_config: str | None) -> None:
+    """Index every layer of REFERENCE and push the indexes to its registry, so mounts are lazy everywhere."""
+    import trio
+
+    from snapshotter.index_command import push_image_indexes
+
+    pushed = trio.run(
+        lambda: push_image_indexes(reference, root, plain_http=plain_http, docker_config_path=docker_config)
+    )
+    for digest in pushed.published:
+        click.echo(f"indexed {digest}")
+    for digest, why in pushed.skipped.items():
+        click.echo(f"skipped {digest}: {why}")
+    click.echo(f"published {pushed.artifact_digest} as tag {pushed.tag}")
+
+
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP request drowns what matters; -v brings it back.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 For every layer descriptor, in this order:
 
-1. ``lazy: stored index``      an index of this blob is in the local index store;
+1. ``lazy: stored index``      an index of this blob is in the local index store, or was
+                               published next to the image (``lazysnap index push``);
 2. ``lazy: estargz toc``       the blob carries its own table of contents (eStargz footer);
 3. ``indexed during download`` stream the blob once: the index is built from the stream while
                                the same bytes fill the cache, so nothing is fetched twice.
@@ -28,10 +29,10 @@ from index.model import Entry, LayerFormat, LayerIndex
 from index.reader import LayerReader, is_randomly_accessible
 from index.uncompressed import open_tar_stream
 from snapshotter.blob_cache import BlobCache, CachedBlob
+from snapshotter.index_artifacts import PublishedIndexes
 from snapshotter.index_store import IndexStore
 from snapshotter.media_types import layer_format
-from snapshotter.reference import Reference
-from snapshotter.registry_client import Descriptor, RegistryClient
+from snapshotter.registry_client import Descriptor, RegistryClient, ResolvedImage
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,19 @@ class LayerResolver:
     def __init__(
         self,
         client: RegistryClient,
-        reference: Reference,
+        image: ResolvedImage,
         cache: BlobCache,
         store: IndexStore,
         *,
         gzip_spacing: int = 1 << 20,
+        use_published: bool = True,
     ) -> None:
         self._client = client
-        self._reference = reference
+        self._reference = image.reference
         self._cache = cache
         self._store = store
         self._gzip_spacing = gzip_spacing
+        self._published = PublishedIndexes(client, image) if use_published else None
 
     def _fetcher(self, digest: str) -> Callable[[int, int], Awaitable[bytes]]:
         async def fetch(offset: int, length: int) -> bytes:
@@ -133,6 +136,10 @@ class LayerResolver:
         stored = self._store.get(descriptor.digest)
         if stored is not None:
             return self._layer(descriptor, stored, HOW_STORED, "an index of this blob was stored earlier")
+        published = await self._published.get(descriptor, diff_id) if self._published is not None else None
+        if published is not None:
+            self._store.put(published)
+            return self._layer(descriptor, published, HOW_STORED, "an index published in the registry")
         fmt = layer_format(descriptor.media_type)
         if fmt is LayerFormat.GZIP:
             estargz = await self._try_estargz(descriptor)

@@ -127,7 +127,7 @@ class MountDaemon:
                 plain_http=options.plain_http, docker_config_path=options.docker_config_path
             ) as client:
                 self.image = await client.resolve(options.reference)
-                resolver = LayerResolver(client, self.image.reference, cache, store)
+                resolver = LayerResolver(client, self.image, cache, store)
                 await self._open_layers(resolver, self.image)
                 await self._serve()
         except LazysnapError as error:
