@@ -40,8 +40,8 @@ class Challenge:
 def parse_challenges(header: str) -> list[Challenge]:
     """Parse a ``WWW-Authenticate`` value such as ``Bearer realm="...",service="...",scope="..."``."""
     challenges: list[Challenge] = []
-    rest = header.strip()
-    while rest:
+    rest = header
+    while rest := rest.lstrip(" \t,"):
         scheme_match = re.match(r"([A-Za-z][A-Za-z0-9_-]*)\s*", rest)
         if scheme_match is None:
             break

@@ -355,7 +355,7 @@ class RegistryClient:
             return
         skip, remaining = span.skip, span.expected
         # aiter_raw: blobs are served as-is; a Content-Encoding must not make us decompress a layer.
-        raw = cast(AsyncGenerator[bytes, None], span.response.aiter_raw(chunk_size))
+        raw = _raw_body(span.response, chunk_size)
         async with aclosing(raw):
             async for chunk in raw:
                 self.bytes_fetched += len(chunk)
@@ -470,6 +470,18 @@ class RegistryClient:
         )
         await self._session.check(ref, response, what)
         return digest
+
+
+async def _preloaded(content: bytes, chunk_size: int) -> AsyncGenerator[bytes, None]:
+    for start in range(0, len(content), chunk_size):
+        yield content[start : start + chunk_size]
+
+
+def _raw_body(response: httpx.Response, chunk_size: int) -> AsyncGenerator[bytes, None]:
+    # A response built from bytes (a MockTransport handler, typically) arrives already read.
+    if response.is_stream_consumed:
+        return _preloaded(response.content, chunk_size)
+    return cast(AsyncGenerator[bytes, None], response.aiter_raw(chunk_size))
 
 
 def select_platform(ref: Reference, index: dict[str, Any], platform: Platform) -> Descriptor:
