@@ -48,8 +48,11 @@ def demo() -> None:
 def serve(root: str, address: str, config_path: str | None) -> None:
     """Serve containerd's snapshot API as a proxy plugin on a unix socket."""
     from snapshotter.daemon import serve_forever
+    from snapshotter.remote_layers import fuse_remote_layers
 
-    sys.exit(serve_forever(root=root, address=address, config_path=config_path))
+    sys.exit(
+        serve_forever(root=root, address=address, config_path=config_path, remote_layers=fuse_remote_layers)
+    )
 
 
 ROOT_OPTION = click.option(

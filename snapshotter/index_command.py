@@ -36,9 +36,7 @@ async def push_image_indexes(
     try:
         async with RegistryClient(plain_http=plain_http, docker_config_path=docker_config_path) as client:
             image = await client.resolve(reference)
-            resolver = LayerResolver(
-                client, image, cache, IndexStore(Path(root) / "indexes"), use_published=False
-            )
+            resolver = LayerResolver(client, image.reference, cache, IndexStore(Path(root) / "indexes"))
             indexes = []
             skipped: dict[str, str] = {}
             for number, descriptor in enumerate(image.layers):

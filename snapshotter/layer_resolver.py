@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -32,7 +32,8 @@ from snapshotter.blob_cache import BlobCache, CachedBlob
 from snapshotter.index_artifacts import PublishedIndexes
 from snapshotter.index_store import IndexStore
 from snapshotter.media_types import layer_format
-from snapshotter.registry_client import Descriptor, RegistryClient, ResolvedImage
+from snapshotter.reference import Reference
+from snapshotter.registry_client import Descriptor, RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 SPAN_SIZE = 64 << 10
 
 Progress = Callable[[str, int, int], None]
+
+
+class NotServedLazily(LazysnapError):
+    """The layer has no index to be served from without downloading it whole first."""
 
 
 @dataclass
@@ -96,19 +101,19 @@ class LayerResolver:
     def __init__(
         self,
         client: RegistryClient,
-        image: ResolvedImage,
+        reference: Reference,
         cache: BlobCache,
         store: IndexStore,
         *,
+        published: PublishedIndexes | None = None,
         gzip_spacing: int = 1 << 20,
-        use_published: bool = True,
     ) -> None:
         self._client = client
-        self._reference = image.reference
+        self._reference = reference
         self._cache = cache
         self._store = store
         self._gzip_spacing = gzip_spacing
-        self._published = PublishedIndexes(client, image) if use_published else None
+        self._published = published
 
     def _fetcher(self, digest: str) -> Callable[[int, int], Awaitable[bytes]]:
         async def fetch(offset: int, length: int) -> bytes:
@@ -125,11 +130,20 @@ class LayerResolver:
         return blob
 
     async def open_layer(
-        self, descriptor: Descriptor, diff_id: str = "", progress: Progress | None = None
+        self,
+        descriptor: Descriptor,
+        diff_id: str = "",
+        progress: Progress | None = None,
+        *,
+        allow_download: bool = True,
     ) -> Layer:
         """Return a served layer for ``descriptor``, obtaining its index the cheapest way.
 
+        With ``allow_download=False`` a layer that would have to be streamed whole to be indexed
+        raises NotServedLazily instead (containerd then pulls it itself).
+
         Raises:
+            NotServedLazily: no index without a download, and downloads were not allowed.
             LayerFormatError, IntegrityError: the blob is malformed or does not match its digest.
             RegistryError, FetchError: the registry could not serve what was needed.
         """
@@ -146,6 +160,11 @@ class LayerResolver:
             if estargz is not None:
                 self._store.put(estargz)
                 return self._layer(descriptor, estargz, HOW_ESTARGZ, _estargz_reason(descriptor))
+        if not allow_download:
+            raise NotServedLazily(
+                f"layer {descriptor.digest}: no stored or published index and no eStargz TOC "
+                "(publish one with `lazysnap index push`)"
+            )
         return await self._download_and_index(descriptor, fmt, diff_id, progress)
 
     def _layer(self, descriptor: Descriptor, index: LayerIndex, how: str, reason: str) -> Layer:
@@ -209,6 +228,21 @@ class LayerResolver:
         layer.downloaded_bytes = offset
         layer.diff_id_verified = bool(diff_id)
         return layer
+
+
+class ChainSource:
+    """File bytes of a chain of layers, bottom first, for the FUSE operations."""
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self.layers = list(layers)
+
+    async def read(self, layer: int, entry: Entry, offset: int, length: int) -> bytes:
+        """Read a file's bytes from the layer that holds them.
+
+        Raises:
+            IntegrityError, FetchError: as the layer's reader raises them (FUSE answers EIO).
+        """
+        return await self.layers[layer].read(entry, offset, length)
 
 
 async def verify_layer(layer: Layer, diff_id: str) -> None:

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ from fusefs.merged_tree import MergedTree
 from fusefs.mount import run_filesystem, unmount
 from fusefs.operations import ReadOnlyOperations
 from index.errors import LazysnapError
-from index.model import Entry
 from snapshotter.blob_cache import BlobCache
+from snapshotter.index_artifacts import PublishedIndexes
 from snapshotter.index_store import IndexStore
-from snapshotter.layer_resolver import Layer, LayerResolver, verify_layer
+from snapshotter.layer_resolver import ChainSource, Layer, LayerResolver, verify_layer
 from snapshotter.mount_state import MountRecord, control_socket_path, remove_record, write_record
 from snapshotter.registry_client import RegistryClient, ResolvedImage
 
@@ -74,21 +73,6 @@ class StatusPipe:
             self._file = None
 
 
-class ChainSource:
-    """File bytes of a layer chain, for the FUSE operations."""
-
-    def __init__(self, layers: Sequence[Layer]) -> None:
-        self.layers = list(layers)
-
-    async def read(self, layer: int, entry: Entry, offset: int, length: int) -> bytes:
-        """Read a file's bytes from the layer that holds them.
-
-        Raises:
-            IntegrityError, FetchError: as the layer's reader raises them (FUSE answers EIO).
-        """
-        return await self.layers[layer].read(entry, offset, length)
-
-
 class MountDaemon:
     """One mounted image: its layers, its filesystem and its statistics."""
 
@@ -127,7 +111,9 @@ class MountDaemon:
                 plain_http=options.plain_http, docker_config_path=options.docker_config_path
             ) as client:
                 self.image = await client.resolve(options.reference)
-                resolver = LayerResolver(client, self.image, cache, store)
+                resolver = LayerResolver(
+                    client, self.image.reference, cache, store, published=PublishedIndexes(client, self.image)
+                )
                 await self._open_layers(resolver, self.image)
                 await self._serve()
         except LazysnapError as error:
