@@ -32,20 +32,18 @@ def demo() -> None:
 @cli.command()
 @click.option(
     "--root",
-    required=True,
     type=click.Path(file_okay=False),
-    help="State directory (metadata, cache, mounts).",
+    help="State directory (metadata, cache, FUSE); default: the config's, else /var/lib/lazysnap.",
 )
 @click.option(
     "--address",
-    required=True,
     type=click.Path(dir_okay=False),
-    help="Unix socket to serve the Snapshots API on.",
+    help="Unix socket to serve the Snapshots API on; default: the config's, else /run/lazysnap/lazysnap.sock.",
 )
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, exists=True), help="TOML config file."
 )
-def serve(root: str, address: str, config_path: str | None) -> None:
+def serve(root: str | None, address: str | None, config_path: str | None) -> None:
     """Serve containerd's snapshot API as a proxy plugin on a unix socket."""
     from snapshotter.daemon import serve_forever
     from snapshotter.remote_layers import fuse_remote_layers
