@@ -276,3 +276,13 @@ async def test_digest_mismatch_manifest(registry: TestRegistry, registry_client:
     wrong = "sha256:" + ("0" * 64)
     with pytest.raises((DigestMismatch, NotFound)):
         await registry_client.resolve(pushed.reference.with_digest(wrong))
+
+
+def test_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo starts its own registry, pushes and resolves the sample image, prints layers and chain IDs."""
+    from snapshotter.demo import run_demo
+
+    assert run_demo() == 0
+    out = capsys.readouterr().out
+    assert out.count("chain ID sha256:") == 3
+    assert "registry stopped" in out
