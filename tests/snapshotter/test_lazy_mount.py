@@ -1,0 +1,133 @@
+"""``lazysnap mount`` end to end: a real registry, the real CLI and daemon, compared with ``--eager``."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapshotter.image_builder import Layer, PushedImage, TarEntry, file, make_layer
+from snapshotter.layer_resolver import HOW_DOWNLOADED, HOW_ESTARGZ, HOW_STORED, TOC_DIGEST_ANNOTATION
+from tests.support.estargz_writer import TOC_NAME, build_estargz
+from tests.support.lazysnap_cli import CliSession, push
+from tests.support.registry import TestRegistry
+from tests.support.tree_compare import layer_entries, snapshot
+
+FORMATS = ["gzip", "zstd", "tar", "estargz"]
+FIRST_HOW = {"gzip": HOW_DOWNLOADED, "zstd": HOW_DOWNLOADED, "tar": HOW_DOWNLOADED, "estargz": HOW_ESTARGZ}
+ZSTD_FRAME = 256 << 10
+ESTARGZ_CHUNK = 1 << 20
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[CliSession]:
+    """A lazysnap CLI session with its own root; everything it mounted is gone afterwards."""
+    session = CliSession(tmp_path / "root")
+    try:
+        yield session
+    finally:
+        session.cleanup()
+
+
+def directories(tmp_path: Path, *names: str) -> list[Path]:
+    """Fresh empty directories under ``tmp_path``."""
+    paths = [tmp_path / name for name in names]
+    for path in paths:
+        path.mkdir()
+    return paths
+
+
+def build_layers(fmt: str, layers: Sequence[Sequence[TarEntry]]) -> list[Layer]:
+    """Each entry list as a layer in ``fmt``: gzip, multi-frame zstd, plain tar, or eStargz."""
+    if fmt == "zstd":
+        return [make_layer(entries, "zstd", frame_size=ZSTD_FRAME) for entries in layers]
+    if fmt != "estargz":
+        return [make_layer(entries, "gzip" if fmt == "gzip" else "tar") for entries in layers]
+    result = []
+    for entries in layers:
+        written = build_estargz(entries, chunk_size=ESTARGZ_CHUNK)
+        annotations = {TOC_DIGEST_ANNOTATION: written.toc_digest}
+        result.append(Layer(written.tar, written.blob, "gzip", annotations=annotations))
+    return result
+
+
+def fidelity_layers() -> list[list[TarEntry]]:
+    """The shared fidelity image plus files of several MiB, so gzip checkpoints and zstd frames matter."""
+    base, middle, top = layer_entries()
+    rng = random.Random(4)
+    text = b"".join(b"line %d of a compressible file\n" % i for i in range(150_000))
+    base += [file("big/random.bin", rng.randbytes(3 << 20)), file("big/text.txt", text)]
+    middle += [file("big/random.bin", rng.randbytes((2 << 20) + 12345), mode=0o600)]
+    return [base, middle, top]
+
+
+def metadata_walk(root: Path) -> int:
+    """lstat, list xattrs of and readlink every path under ``root`` without reading file data; return the count."""
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            for key in os.listxattr(path, follow_symlinks=False):
+                os.getxattr(path, key, follow_symlinks=False)
+            if os.path.islink(path):
+                os.readlink(path)
+            count += st.st_nlink > 0
+    return count
+
+
+def layer_stats(cli: CliSession, mountpoint: Path) -> list[dict[str, Any]]:
+    """The per-layer statistics of a running mount."""
+    layers: list[dict[str, Any]] = cli.stats(mountpoint)["layers"]
+    return layers
+
+
+def assert_same_tree(lazy: dict[str, Any], eager: dict[str, Any], fmt: str) -> None:
+    """Both views hold the same paths with the same metadata and content."""
+    if fmt == "estargz":
+        # An eager unpack writes the TOC as a file, as containerd's plain unpack of eStargz does;
+        # the lazy view hides it, as stargz-snapshotter does.
+        eager = {path: info for path, info in eager.items() if path != TOC_NAME}
+        # The TOC records modtime in whole seconds (RFC 3339 without fractions), so sub-second
+        # mtimes of the tar headers can't survive; stargz-snapshotter shows the same.
+        eager = {
+            path: {**info, "mtime_ns": info["mtime_ns"] // 10**9 * 10**9} for path, info in eager.items()
+        }
+    assert sorted(lazy) == sorted(eager)
+    for path in sorted(eager):
+        assert lazy[path] == eager[path], path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_lazy_mount_matches_eager_mount(
+    fmt: str, registry: TestRegistry, cli: CliSession, tmp_path: Path
+) -> None:
+    """A lazy mount, first fresh and then from a stored index with an empty cache, equals the eager mount in every path's metadata and content."""
+    image: PushedImage = push(registry.ref(f"fidelity-{fmt}"), build_layers(fmt, fidelity_layers()))
+    ref = str(image.reference)
+    eager_dir, lazy_dir = directories(tmp_path, "eager", "lazy")
+    cli.mount_ok(ref, eager_dir, "--eager")
+    eager = snapshot(eager_dir)
+    assert cli.umount(eager_dir).returncode == 0
+
+    cli.mount_ok(ref, lazy_dir, "--no-background-fetch")
+    assert [layer["how"] for layer in layer_stats(cli, lazy_dir)] == [FIRST_HOW[fmt]] * 3
+    assert_same_tree(snapshot(lazy_dir), eager, fmt)
+    assert cli.umount(lazy_dir).returncode == 0
+
+    shutil.rmtree(cli.root / "cache")
+    cli.mount_ok(ref, lazy_dir, "--no-background-fetch")
+    assert metadata_walk(lazy_dir) == len(eager) - (fmt == "estargz")
+    before = layer_stats(cli, lazy_dir)
+    assert [layer["how"] for layer in before] == [HOW_STORED] * 3
+    assert [layer["bytes_fetched"] for layer in before] == [0, 0, 0]
+    assert_same_tree(snapshot(lazy_dir), eager, fmt)
+    after = layer_stats(cli, lazy_dir)
+    assert all(layer["bytes_fetched"] > 0 for layer in after)
+    assert not any(layer["integrity_failures"] for layer in after)
+    assert cli.umount(lazy_dir).returncode == 0
