@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,63 @@ def test_lazy_mount_matches_eager_mount(
     assert all(layer["bytes_fetched"] > 0 for layer in after)
     assert not any(layer["integrity_failures"] for layer in after)
     assert cli.umount(lazy_dir).returncode == 0
+
+
+LARGE_FILES = 96
+LARGE_FILE_SIZE = 256 << 10  # 96 x 256 KiB = 24 MiB of incompressible data
+SMALL = "etc/small.conf"
+
+
+def large_layer_entries() -> list[TarEntry]:
+    """Many incompressible files, with one small file in the middle of the layer."""
+    rng = random.Random(7)
+    entries = [file(f"data/{i:03d}.bin", rng.randbytes(LARGE_FILE_SIZE)) for i in range(LARGE_FILES)]
+    entries.insert(LARGE_FILES // 2, file(SMALL, "key = value\n"))
+    return entries
+
+
+def store_index_only(cli: CliSession, ref: str, mountpoint: Path) -> None:
+    """Mount once so the layer indexes are stored, then drop the blob cache: the next mount is lazy and cold."""
+    cli.mount_ok(ref, mountpoint, "--no-background-fetch")
+    assert cli.umount(mountpoint).returncode == 0
+    shutil.rmtree(cli.root / "cache")
+
+
+@pytest.mark.parametrize("fmt", ["estargz", "gzip"])
+def test_reading_one_file_fetches_a_small_part_of_the_layer(
+    fmt: str, registry: TestRegistry, cli: CliSession, tmp_path: Path
+) -> None:
+    """Mounting and reading one small file transfers a few percent of a large layer, and the stats count what the registry sent."""
+    (layer,) = build_layers(fmt, [large_layer_entries()])
+    ref = str(push(registry.ref(f"lazy-{fmt}"), [layer]).reference)
+    (mountpoint,) = directories(tmp_path, "mnt")
+    if fmt != "estargz":
+        store_index_only(cli, ref, mountpoint)
+    mark = registry.mark()
+    cli.mount_ok(ref, mountpoint, "--no-background-fetch")
+    assert (mountpoint / SMALL).read_bytes() == b"key = value\n"
+    sent = registry.bytes_sent_since(mark, method="GET")
+    (stats,) = layer_stats(cli, mountpoint)
+    assert stats["how"] == (HOW_ESTARGZ if fmt == "estargz" else HOW_STORED)
+    assert sent < len(layer.blob) // 10, (sent, len(layer.blob))
+    # The registry also sent the manifest and config (a few KiB) that the layer stats don't count.
+    assert stats["bytes_fetched"] <= sent <= stats["bytes_fetched"] + 16 << 10, (sent, stats)
+    assert stats["bytes_present"] < len(layer.blob) // 10
+
+
+def test_background_fetch_completes_and_verifies_the_layer(
+    registry: TestRegistry, cli: CliSession, tmp_path: Path
+) -> None:
+    """Without --no-background-fetch, a lazily served layer becomes fully present and verified within a bounded time."""
+    (layer,) = build_layers("estargz", [large_layer_entries()[32:65]])
+    ref = str(push(registry.ref("background"), [layer]).reference)
+    (mountpoint,) = directories(tmp_path, "mnt")
+    cli.mount_ok(ref, mountpoint)
+    deadline = time.monotonic() + 30
+    while not (stats := layer_stats(cli, mountpoint)[0])["verified"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stats["verified"] and stats["diff_id_verified"], stats
+    assert stats["bytes_present"] == len(layer.blob)
+    assert stats["background_bytes"] > 0
+    assert not cli.stats(mountpoint)["background_errors"]
+    assert (mountpoint / SMALL).read_bytes() == b"key = value\n"
