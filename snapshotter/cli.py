@@ -201,6 +201,70 @@ def index_push(reference: str, root: str, plain_http: bool, docker_config: str |
     click.echo(f"published {pushed.artifact_digest} as tag {pushed.tag}")
 
 
+@cli.command()
+@click.argument("references", nargs=-1, required=True)
+@click.option("--plain-http", is_flag=True, help="Plain HTTP to the registry (the relay always is).")
+@click.option(
+    "--workload", help="Command run in the image (default: python3 -c 'import json', else sh -c true)."
+)
+@click.option(
+    "--rate", help="Link rate to the registry, tc units (e.g. 100mbit); shaped with tbf in a netns."
+)
+@click.option("--rtt", help="Round-trip time to the registry (e.g. 20ms), added by a userspace relay.")
+@click.option("--repeat", default=3, show_default=True, type=int, help="Runs per image and mode.")
+@click.option(
+    "--mode",
+    "modes",
+    multiple=True,
+    type=click.Choice(
+        [
+            "eager",
+            "lazy",
+            "lazy+no-background-fetch",
+            "lazy+stored-index",
+            "containerd-overlayfs",
+            "containerd-lazysnap",
+        ]
+    ),
+    help="Modes to run (repeatable; default: eager, lazy, lazy+no-background-fetch, containerd-overlayfs).",
+)
+@click.option("--out", default="bench-results", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--workdir", type=click.Path(file_okay=False), help="Scratch space (default: a new dir in /var/tmp)."
+)
+def bench(
+    references: tuple[str, ...],
+    plain_http: bool,
+    workload: str | None,
+    rate: str | None,
+    rtt: str | None,
+    repeat: int,
+    modes: tuple[str, ...],
+    out: str,
+    workdir: str | None,
+) -> None:
+    """Measure time to ready (pull + first workload run) of images, lazy against eager, on an emulated link."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from snapshotter.bench import BenchOptions, run_bench
+    from snapshotter.bench.runner import DEFAULT_MODES
+
+    options = BenchOptions(
+        references=references,
+        modes=modes or DEFAULT_MODES,
+        out=Path(out),
+        repeat=repeat,
+        rate=rate,
+        rtt=rtt,
+        workload=workload,
+        plain_http=plain_http,
+        workdir=Path(workdir) if workdir else None,
+    )
+    sys.exit(run_bench(options, Console()))
+
+
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
