@@ -1,0 +1,294 @@
+"""End to end: real containerd and runc pull and run images through ``lazysnap serve`` as a proxy plugin.
+
+Every test starts containerd in a private mount namespace with lazysnap's daemon inside the same
+namespace (``tests/support/snapshotter_stack.py``), pulls busybox-based images from a local
+docker-registry with ``ctr-remote image rpull`` and runs them with ``ctr run``.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from index.estargz import TOC_DIGEST_ANNOTATION
+from snapshotter.containerd_env import CTR_REMOTE, DEFAULT_NAMESPACE, containerd_available
+from snapshotter.image_builder import Layer, TarEntry, directory, file, make_layer, push_image, symlink
+from snapshotter.local_registry import LocalRegistry
+from snapshotter.reference import Reference
+from snapshotter.registry_client import RegistryClient
+from tests.support.estargz_writer import build_estargz
+from tests.support.registry import TestRegistry
+from tests.support.snapshotter_stack import LazysnapStack
+
+BUSYBOX = Path("/bin/busybox")
+pytestmark = [
+    pytest.mark.containerd,
+    pytest.mark.skipif(
+        not (containerd_available() and shutil.which("ctr-remote") and BUSYBOX.exists()),
+        reason="needs root, containerd, runc, ctr-remote and busybox-static (scripts/setup.sh)",
+    ),
+]
+
+LOWER_TEXT = "from the lowest layer\n"
+TOP_TEXT = "from the top layer\n"
+SMALL_TEXT = "a small file next to the big one\n"
+BIG_SIZE = 8 << 20  # incompressible, so the blob is as large as the data
+APPLETS = ("sh", "cat", "echo", "wc", "head", "ls", "true")
+#: Background fetch off, so the registry's log counts only what the container's reads needed.
+NO_BACKGROUND = "[background_fetch]\nenabled = false\n"
+#: Registry failures surface quickly: short timeouts, few retries.
+FAST_FAILURE = (
+    "[fetch]\ntimeout_seconds = 3.0\nconnect_timeout_seconds = 1.0\nretries = 2\nbackoff_seconds = 0.1\n"
+    "[fuse]\nread_timeout_seconds = 10.0\n"
+)
+
+
+@dataclass(frozen=True)
+class TestImage:
+    """A pushed image and what its layers weigh in the registry."""
+
+    __test__ = False
+
+    ref: str
+    layer_digests: list[str]
+    layer_bytes: int
+
+
+def _entries(name: str) -> list[list[TarEntry]]:
+    """Three layers: busybox and a text file; a big random file; a small top layer; each unique to ``name``."""
+    base = [directory(d) for d in ("bin", "etc", "dev", "proc", "sys", "tmp", "data")]
+    base.append(file("bin/busybox", BUSYBOX.read_bytes(), mode=0o755))
+    base += [symlink(f"bin/{applet}", "busybox") for applet in APPLETS]
+    base.append(file("etc/lower.txt", LOWER_TEXT))
+    big = [
+        directory("data"),
+        file("data/big.bin", random.Random(5).randbytes(BIG_SIZE)),
+        file("data/small.txt", SMALL_TEXT),
+    ]
+    top = [directory("etc"), file("etc/top.txt", TOP_TEXT)]
+    # A file naming the image makes every blob unique, so no test finds another's index or cache.
+    return [[*entries, file(f"etc/layer-{n}", name)] for n, entries in enumerate([base, big, top])]
+
+
+def _estargz_layer(entries: Sequence[TarEntry]) -> Layer:
+    blob = build_estargz(entries)
+    return Layer(blob.tar, blob.blob, "gzip", annotations={TOC_DIGEST_ANNOTATION: blob.toc_digest})
+
+
+def _push(ref: Reference, layers: Sequence[Layer]) -> TestImage:
+    async def run() -> TestImage:
+        async with RegistryClient(docker_config_path="/nonexistent/config.json") as client:
+            pushed = await push_image(client, ref, layers, config={"Cmd": ["/bin/sh"]})
+        return TestImage(
+            f"{ref.registry}/{ref.repository}:{ref.tag}",
+            [layer.digest for layer in pushed.layers],
+            sum(layer.size for layer in pushed.layers),
+        )
+
+    return trio.run(run)
+
+
+def push_estargz(registry: TestRegistry | LocalRegistry, name: str) -> TestImage:
+    """Push the test image with eStargz layers (TOC digests annotated)."""
+    return _push(_ref(registry, name), [_estargz_layer(entries) for entries in _entries(name)])
+
+
+def push_gzip(registry: TestRegistry | LocalRegistry, name: str, *, index: bool, tmp: Path) -> TestImage:
+    """Push the test image with plain gzip layers, and publish its indexes if ``index``."""
+    image = _push(_ref(registry, name), [make_layer(entries, "gzip") for entries in _entries(name)])
+    if index:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snapshotter.cli",
+                "index",
+                "push",
+                "--plain-http",
+                "--root",
+                str(tmp),
+                image.ref,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    return image
+
+
+def _ref(registry: TestRegistry | LocalRegistry, name: str) -> Reference:
+    if isinstance(registry, TestRegistry):
+        return registry.ref(name)
+    return Reference(registry.host, f"test/{name}", "latest", None)
+
+
+def layer_bytes_since(registry: TestRegistry | LocalRegistry, mark: int, image: TestImage) -> int:
+    """Bytes of the image's layer blobs the registry sent after ``mark``."""
+    target = registry.registry if isinstance(registry, TestRegistry) else registry
+    return sum(
+        request.written
+        for request in target.requests_since(mark)
+        if request.method == "GET" and any(request.uri.endswith(f"/blobs/{d}") for d in image.layer_digests)
+    )
+
+
+def prepared_lines(log: str, value: str) -> list[str]:
+    """The daemon's ``remote-snapshot-prepared=VALUE`` log lines."""
+    return [line for line in log.splitlines() if f"remote-snapshot-prepared={value}" in line]
+
+
+@pytest.fixture(scope="module")
+def stack(registry: TestRegistry) -> Iterator[LazysnapStack]:
+    """containerd + lazysnap (background fetch off) for the pull-and-run tests of this module."""
+    with LazysnapStack(plain_http=[registry.host], config_extra=NO_BACKGROUND) as running:
+        yield running
+
+
+def _pull_and_run_lazily(stack: LazysnapStack, registry: TestRegistry, image: TestImage, name: str) -> float:
+    """rpull and run ``image``; check the output and the log; return the fraction of layer bytes fetched."""
+    mark = registry.mark()
+    before = len(prepared_lines(stack.log(), "true"))
+    stack.rpull(image.ref)
+    result = stack.run(image.ref, name, "cat", "/etc/lower.txt", "/data/small.txt", "/etc/top.txt")
+    assert result.stdout == LOWER_TEXT + SMALL_TEXT + TOP_TEXT
+    fetched = layer_bytes_since(registry, mark, image)
+    assert len(prepared_lines(stack.log(), "true")) - before == len(image.layer_digests), stack.log()
+    return fetched / image.layer_bytes
+
+
+def test_estargz_image_runs_lazily(stack: LazysnapStack, registry: TestRegistry) -> None:
+    """An eStargz image is pulled as remote snapshots and runs having fetched a fraction of its layers."""
+    image = push_estargz(registry, "estargz")
+    fraction = _pull_and_run_lazily(stack, registry, image, "estargz-run")
+    print(f"estargz: fetched {fraction:.1%} of {image.layer_bytes} layer bytes before the container ran")
+    assert fraction < 0.5
+
+
+def test_indexed_gzip_image_runs_lazily(stack: LazysnapStack, registry: TestRegistry, tmp_path: Path) -> None:
+    """A gzip image with a published index is pulled as remote snapshots and runs having fetched a fraction."""
+    image = push_gzip(registry, "indexed", index=True, tmp=tmp_path)
+    fraction = _pull_and_run_lazily(stack, registry, image, "indexed-run")
+    print(f"indexed gzip: fetched {fraction:.1%} of {image.layer_bytes} layer bytes before the container ran")
+    assert fraction < 0.5
+
+
+def test_gzip_image_without_index_falls_back(
+    stack: LazysnapStack, registry: TestRegistry, tmp_path: Path
+) -> None:
+    """A gzip image without an index falls back to containerd's download and still runs."""
+    image = push_gzip(registry, "plain", index=False, tmp=tmp_path)
+    mark = registry.mark()
+    before = len(prepared_lines(stack.log(), "false"))
+    stack.rpull(image.ref)
+    result = stack.run(image.ref, "plain-run", "cat", "/etc/lower.txt", "/etc/top.txt")
+    assert result.stdout == LOWER_TEXT + TOP_TEXT
+    assert len(prepared_lines(stack.log(), "false")) > before
+    assert layer_bytes_since(registry, mark, image) >= image.layer_bytes
+
+
+@pytest.fixture
+def private_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    """A registry of this test's own, which the test may stop and start."""
+    with LocalRegistry(tmp_path / "registry") as running:
+        yield running
+
+
+def _wait_for_prepared(stack: LazysnapStack, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(prepared_lines(stack.log(), "true")) < count:
+        assert time.monotonic() < deadline, f"no remote-snapshot-prepared=true #{count}:\n{stack.log()}"
+        time.sleep(0.01)
+
+
+def test_restart_keeps_snapshots_and_cached_data(private_registry: LocalRegistry, tmp_path: Path) -> None:
+    """After kill -9 during and after pulls, a restarted daemon lists every committed snapshot and runs from the cache."""
+    lazy = push_estargz(private_registry, "restart-lazy")
+    indexed = push_gzip(private_registry, "restart-indexed", index=True, tmp=tmp_path / "indexer")
+    plain = push_gzip(private_registry, "restart-plain", index=False, tmp=tmp_path / "indexer")
+    with LazysnapStack(plain_http=[private_registry.host], config_extra=NO_BACKGROUND) as stack:
+        stack.rpull(lazy.ref)
+        assert (
+            stack.run(lazy.ref, "warm", "cat", "/etc/lower.txt", "/data/small.txt").stdout
+            == LOWER_TEXT + SMALL_TEXT
+        )
+        stack.rpull(plain.ref)  # falls back: local snapshots extracted by containerd
+
+        # kill -9 after the pulls, then again in the middle of one.
+        stack.kill_daemon()
+        stack.start_daemon()
+        committed = set(stack.snapshot_keys())
+        assert {key for key in committed if key.startswith("sha256:")}, committed
+        seen = len(prepared_lines(stack.log(), "true"))
+        pulling = stack.containerd.popen_in_namespace(
+            [
+                CTR_REMOTE,
+                "--address",
+                str(stack.containerd.address),
+                "--namespace",
+                DEFAULT_NAMESPACE,
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "lazysnap",
+                indexed.ref,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for_prepared(stack, seen + 1)
+            stack.kill_daemon()
+        finally:
+            pulling.wait(timeout=60)
+        stack.start_daemon()
+        assert committed <= set(stack.snapshot_keys())
+        stack.rpull(indexed.ref)  # completes the interrupted pull
+        for image, name in ((lazy, "after-lazy"), (indexed, "after-indexed"), (plain, "after-plain")):
+            assert stack.run(image.ref, name, "cat", "/etc/top.txt").stdout == TOP_TEXT
+
+        # Registry gone: what was read before is served from the cache by a fresh daemon.
+        stack.kill_daemon()
+        private_registry.stop()
+        stack.start_daemon()
+        result = stack.run(lazy.ref, "offline", "cat", "/etc/lower.txt", "/data/small.txt")
+        assert result.stdout == LOWER_TEXT + SMALL_TEXT
+        assert "remote-snapshot-restored=false" not in stack.log()
+
+
+def test_unreachable_registry_gives_eio_not_a_hang(private_registry: LocalRegistry) -> None:
+    """With the registry gone, Mounts still answers and a read of uncached bytes fails with EIO in bounded time."""
+    image = push_estargz(private_registry, "unreachable")
+    with LazysnapStack(
+        plain_http=[private_registry.host], config_extra=NO_BACKGROUND + FAST_FAILURE
+    ) as stack:
+        stack.rpull(image.ref)
+        assert stack.run(image.ref, "warm", "cat", "/etc/lower.txt").stdout == LOWER_TEXT
+        private_registry.stop()
+
+        top_chain = next(key for key in stack.snapshot_keys() if key.startswith("sha256:"))
+        stack.snapshots("prepare", "probe-unreachable", top_chain)
+        assert "overlay" in stack.snapshots("mounts", "/mnt", "probe-unreachable").stdout
+        started = time.monotonic()
+        result = stack.run(
+            image.ref,
+            "cold",
+            "sh",
+            "-c",
+            "cat /data/big.bin > /dev/null || echo read-failed",
+            check=False,
+            timeout=120,
+        )
+        elapsed = time.monotonic() - started
+        assert "read-failed" in result.stdout, result
+        assert "Input/output error" in result.stderr, result
+        assert elapsed < 60
