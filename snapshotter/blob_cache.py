@@ -187,6 +187,21 @@ class CachedBlob:
         os.pwrite(self._present_fd, bytes(self._present), 0)
         (self.directory / "verified").unlink(missing_ok=True)
 
+    def forget(self, offset: int, length: int) -> None:
+        """Mark the chunks holding blob bytes [offset, offset+length) missing, so they are fetched again.
+
+        For bytes found bad by a check made after they were cached (an eStargz chunk digest):
+        without this they would stay present and every later read would fail the same way.
+        """
+        if length <= 0 or offset >= self.size:
+            return
+        first, last = self._chunks_of(offset, min(length, self.size - offset))
+        for index in range(first, last + 1):
+            if self._present[index]:
+                self._present[index] = 0
+                os.pwrite(self._present_fd, b"\0", index)
+        (self.directory / "verified").unlink(missing_ok=True)
+
     def mark_verified(self) -> None:
         """Record that the whole blob matched its digest."""
         (self.directory / "verified").touch()

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 import trio
 
 from index.builder import LayerIndexBuilder
-from index.errors import DigestMismatch, LayerFormatError, LazysnapError
+from index.errors import DigestMismatch, IntegrityError, LayerFormatError, LazysnapError
 from index.estargz import read_estargz_index
 from index.model import Entry, LayerFormat, LayerIndex
 from index.reader import LayerReader, is_randomly_accessible
 from index.uncompressed import open_tar_stream
 from snapshotter.blob_cache import BlobCache, CachedBlob
+from snapshotter.errors import FetchTimeout
 from snapshotter.index_artifacts import PublishedIndexes
 from snapshotter.index_store import IndexStore
 from snapshotter.media_types import layer_format
@@ -71,7 +72,31 @@ class Layer:
             IntegrityError: fetched bytes failed their digest.
             FetchError: the registry could not be read after retries.
         """
-        return await self.reader.read(entry, offset, length)
+        try:
+            return await self.reader.read(entry, offset, length)
+        except (IntegrityError, LayerFormatError) as error:
+            if entry.chunks:
+                self._forget_chunks(entry, offset, length, error)
+            raise
+
+    def _forget_chunks(self, entry: Entry, offset: int, length: int, error: LazysnapError) -> None:
+        """Drop the cached bytes of the chunks a failed read used, so a later read fetches them again."""
+        # eStargz chunks are checked against their digests after the cache stored them (the
+        # cache knows no span digests for them), so bad bytes would otherwise stay "present".
+        chunks = [
+            c for c in entry.chunks if c.file_offset < offset + length and c.file_offset + c.size > offset
+        ]
+        for chunk in chunks:
+            self.blob.forget(chunk.blob_offset, chunk.blob_end - chunk.blob_offset)
+        self.blob.stats.integrity_failures += 1
+        log.warning(
+            "chunk-integrity-failure layer=%s path=%s blob_bytes=%d-%d: %s",
+            self.descriptor.digest,
+            entry.path,
+            min((c.blob_offset for c in chunks), default=-1),
+            max((c.blob_end for c in chunks), default=-1),
+            error,
+        )
 
     def stats(self) -> dict[str, object]:
         """This layer's serving mode and counters, for ``lazysnap stats``."""
@@ -233,16 +258,26 @@ class LayerResolver:
 class ChainSource:
     """File bytes of a chain of layers, bottom first, for the FUSE operations."""
 
-    def __init__(self, layers: Sequence[Layer]) -> None:
+    def __init__(self, layers: Sequence[Layer], *, read_timeout: float | None = None) -> None:
         self.layers = list(layers)
+        # None: a read waits as long as the registry client's own timeouts and retries take.
+        self.read_timeout = read_timeout
 
     async def read(self, layer: int, entry: Entry, offset: int, length: int) -> bytes:
         """Read a file's bytes from the layer that holds them.
 
         Raises:
             IntegrityError, FetchError: as the layer's reader raises them (FUSE answers EIO).
+            FetchTimeout: the read needed longer than ``read_timeout`` however retries went.
         """
-        return await self.layers[layer].read(entry, offset, length)
+        if self.read_timeout is None:
+            return await self.layers[layer].read(entry, offset, length)
+        with trio.move_on_after(self.read_timeout):
+            return await self.layers[layer].read(entry, offset, length)
+        raise FetchTimeout(
+            f"{entry.path} in layer {self.layers[layer].descriptor.digest}: bytes {offset}-{offset + length} "
+            f"not read within {self.read_timeout} s; the registry may be unreachable"
+        )
 
 
 async def verify_layer(layer: Layer, diff_id: str) -> None:

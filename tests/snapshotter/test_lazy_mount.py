@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -17,6 +20,7 @@ from snapshotter.layer_resolver import HOW_DOWNLOADED, HOW_ESTARGZ, HOW_STORED, 
 from tests.support.estargz_writer import TOC_NAME, build_estargz
 from tests.support.lazysnap_cli import CliSession, push
 from tests.support.registry import TestRegistry
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.tree_compare import layer_entries, snapshot
 
 FORMATS = ["gzip", "zstd", "tar", "estargz"]
@@ -192,3 +196,99 @@ def test_background_fetch_completes_and_verifies_the_layer(
     assert stats["background_bytes"] > 0
     assert not cli.stats(mountpoint)["background_errors"]
     assert (mountpoint / SMALL).read_bytes() == b"key = value\n"
+
+
+FAULT_FILES = 24  # 24 x 256 KiB: several gzip checkpoints on each side of the small file
+BIG_FILE = "data/big.bin"
+READ_FAILS_WITHIN = 30.0  # seconds: the registry client's bounded retries, with room for a slow machine
+
+
+def fault_image(registry: TestRegistry, fmt: str) -> tuple[PushedImage, Layer, bytes]:
+    """A one-layer image: large files around the small one, and BIG_FILE (whose bytes are returned too)."""
+    middle = LARGE_FILES // 2
+    entries = large_layer_entries()[middle - FAULT_FILES // 2 : middle + FAULT_FILES // 2 + 1]
+    big = random.Random(9).randbytes(4 << 20)
+    (layer,) = build_layers(fmt, [[*entries, file(BIG_FILE, big)]])
+    return push(registry.ref(f"fault-{fmt}"), [layer]), layer, big
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    """Read ``length`` bytes of ``path`` at ``offset`` with one pread."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def test_registry_gone_mid_read_gives_eio_then_recovers(
+    registry: TestRegistry, cli: CliSession, tmp_path: Path
+) -> None:
+    """While the registry is unreachable a read fails with EIO within a bounded time; once it is back the same read returns the right bytes."""
+    image, _, content = fault_image(registry, "estargz")
+    (mountpoint,) = directories(tmp_path, "mnt")
+    with TcpProxy("127.0.0.1", registry.registry.port) as proxy:
+        ref = f"{proxy.host}/{image.reference.repository}@{image.manifest_digest}"
+        cli.mount_ok(ref, mountpoint, "--no-background-fetch")
+        path = mountpoint / BIG_FILE
+        assert read_at(path, 0, 4096) == content[:4096]
+        proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(OSError) as failure:
+            read_at(path, 3_500_000, 4096)
+        assert failure.value.errno == errno.EIO
+        assert time.monotonic() - started < READ_FAILS_WITHIN
+        proxy.restore()
+        assert read_at(path, 3_500_000, 4096) == content[3_500_000:3_504_096]
+        assert path.read_bytes() == content
+    (stats,) = layer_stats(cli, mountpoint)
+    assert stats["integrity_failures"] == 0
+    assert "read-failed" in cli.daemon_log()
+
+
+def registry_blob_path(registry: TestRegistry, digest: str) -> Path:
+    """Where docker-registry keeps a blob's bytes."""
+    hexpart = digest.partition(":")[2]
+    return registry.registry.root / f"storage/docker/registry/v2/blobs/sha256/{hexpart[:2]}/{hexpart}/data"
+
+
+@contextlib.contextmanager
+def tampered(path: Path, start: int, end: int) -> Iterator[None]:
+    """Invert bytes [start, end) of a file for the duration of the block."""
+    original = path.read_bytes()
+    damaged = bytearray(original)
+    damaged[start:end] = bytes(b ^ 0xFF for b in original[start:end])
+    path.write_bytes(bytes(damaged))
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "estargz"])
+def test_corrupt_bytes_from_the_registry_give_eio_and_a_log_line(
+    fmt: str, registry: TestRegistry, cli: CliSession, tmp_path: Path
+) -> None:
+    """Bytes that fail their digest are never returned: the read fails with EIO, the log names the layer and offset, and a later read of good bytes succeeds."""
+    image, layer, _ = fault_image(registry, fmt)
+    ref = str(image.reference)
+    (mountpoint,) = directories(tmp_path, "mnt")
+    store_index_only(cli, ref, mountpoint)
+    # Spoil the compressed bytes around the small file, after the index was stored. Its data sits
+    # among incompressible files, so its offset in the blob is close to its offset in the tar.
+    near = layer.tar.index(b"key = value\n")
+    with tampered(registry_blob_path(registry, layer.digest), near - (512 << 10), near + (64 << 10)):
+        cli.mount_ok(ref, mountpoint, "--no-background-fetch")
+        with pytest.raises(OSError) as failure:
+            (mountpoint / SMALL).read_bytes()
+        assert failure.value.errno == errno.EIO
+    log = cli.daemon_log()
+    assert re.search(rf"read-failed layer=0 path={SMALL} offset=0 .*{layer.digest}", log), log[-3000:]
+    # Where in the blob: the span the cache rejected (gzip), or the eStargz chunk the reader rejected.
+    where = (
+        r"span \d+ \(bytes \d+-\d+\)" if fmt == "gzip" else r"chunk-integrity-failure .* blob_bytes=\d+-\d+"
+    )
+    assert re.search(rf"{layer.digest} {where}" if fmt == "gzip" else where, log), log[-3000:]
+    assert (mountpoint / SMALL).read_bytes() == b"key = value\n"
+    (stats,) = layer_stats(cli, mountpoint)
+    assert stats["integrity_failures"] >= 1
