@@ -33,7 +33,8 @@ RemoteLayersFactory = Callable[[Config], AbstractAsyncContextManager[RemoteLayer
 
 
 @asynccontextmanager
-async def _no_remote_layers(config: Config) -> AsyncIterator[RemoteLayers | None]:
+async def no_remote_layers(config: Config) -> AsyncIterator[RemoteLayers | None]:
+    """The default factory: no lazy layers, every layer is extracted by containerd; raises nothing."""
     yield None
 
 
@@ -49,7 +50,7 @@ def serve_forever(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    trio.run(run_daemon, config, remote_layers or _no_remote_layers)
+    trio.run(run_daemon, config, remote_layers or no_remote_layers)
     return 0
 
 

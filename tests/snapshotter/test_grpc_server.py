@@ -8,7 +8,7 @@ import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -16,12 +16,13 @@ import trio
 from google.protobuf import field_mask_pb2
 
 from snapshotter.config import Config
-from snapshotter.daemon import _no_remote_layers, run_daemon
+from snapshotter.daemon import no_remote_layers, run_daemon
 from snapshotter.grpc_server import remove_stale_socket
 from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
-T = TypeVar("T")
+# The generated stub module is untyped; one typed name keeps the tests strict.
+make_stub: Callable[[grpc.Channel], Any] = pb_grpc.SnapshotsStub
 
 
 @dataclass
@@ -49,10 +50,10 @@ async def client(tmp_path: Path) -> AsyncIterator[Client]:
         root=str(tmp_path / "root"), address=str(tmp_path / "run" / "snap.sock"), shutdown_grace_seconds=1
     )
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_daemon, config, _no_remote_layers)
+        await nursery.start(run_daemon, config, no_remote_layers)
         channel = grpc.insecure_channel("unix://" + config.address)
         try:
-            yield Client(pb_grpc.SnapshotsStub(channel), config.address)
+            yield Client(make_stub(channel), config.address)
         finally:
             channel.close()
             nursery.cancel_scope.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,10 @@ from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2_grp
 from tests.snapshotter.test_conformance import lazysnap_serve
 from tests.snapshotter.test_snapshot_service import mounted
 
+# The generated stub module is untyped; one typed name keeps the tests strict.
+make_stub: Callable[[grpc.Channel], Any] = pb_grpc.SnapshotsStub
+
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")]
 
 
@@ -27,7 +31,7 @@ def snapshots_client(address: Path) -> Iterator[Any]:
     """A Snapshots stub on a fresh channel, closed afterwards."""
     channel = grpc.insecure_channel(f"unix://{address}")
     try:
-        yield pb_grpc.SnapshotsStub(channel)
+        yield make_stub(channel)
     finally:
         channel.close()
 
