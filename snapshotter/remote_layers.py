@@ -80,6 +80,8 @@ class FuseRemoteLayers(RemoteLayers):
         nursery: trio.Nursery,
         *,
         background_fetch: bool = True,
+        background_delay: float = 0.0,
+        read_timeout: float | None = None,
     ) -> None:
         self._records_dir = root / "remote"
         self._records_dir.mkdir(parents=True, exist_ok=True)
@@ -90,9 +92,12 @@ class FuseRemoteLayers(RemoteLayers):
         self._operations = operations
         self._nursery = nursery
         self._background_fetch = background_fetch
+        self._background_delay = background_delay
+        self._read_timeout = read_timeout
         self._chains: dict[str, list[Layer]] = {}
         self._layers: dict[str, Layer] = {}
-        self._images: dict[str, ResolvedImage] = {}
+        self._images: dict[str, ResolvedImage] = {}  # by the reference containerd named
+        self._published: dict[str, PublishedIndexes] = {}  # by manifest digest: one listing per image
         self._lock = trio.Lock()  # one prepare at a time: chains build on each other
 
     async def prepare_remote(
@@ -109,11 +114,11 @@ class FuseRemoteLayers(RemoteLayers):
             if parent_chain_id and parent_chain_id not in self._chains:
                 return f"parent {parent_chain_id} is not a lazysnap remote chain"
             try:
-                image = await self._resolve(reference, labels.get(MANIFEST_DIGEST_LABEL, ""))
+                image = await self._resolve(reference, labels.get(MANIFEST_DIGEST_LABEL, ""), layer_digest)
                 record = self._record_for(image, chain_id, parent_chain_id or "", layer_digest)
                 if isinstance(record, str):
                     return record
-                await self._expose(record, allow_download=False)
+                await self._expose(record, allow_download=False, published=self._published_for(image))
             except LazysnapError as error:
                 return str(error)
             self._write_record(record)
@@ -142,7 +147,7 @@ class FuseRemoteLayers(RemoteLayers):
             for chain_id in chain_ids:
                 try:
                     record = ChainRecord(**json.loads(self._record_path(chain_id).read_text()))
-                    await self._expose(record, allow_download=False)
+                    await self._expose(record, allow_download=False, published=None)
                 except (OSError, ValueError, TypeError, LazysnapError) as error:
                     log.error("remote-snapshot-restored=false chain=%s reason=%s", chain_id, error)
                 else:
@@ -152,14 +157,27 @@ class FuseRemoteLayers(RemoteLayers):
         """Per-layer statistics of every exposed layer."""
         return [layer.stats() for layer in self._layers.values()]
 
-    async def _resolve(self, reference: str, manifest_digest: str) -> ResolvedImage:
+    async def _resolve(self, reference: str, manifest_digest: str, layer_digest: str) -> ResolvedImage:
+        """The image containerd is unpacking, resolved once per reference.
+
+        A tag can move to another image between two pulls: when the cached image lacks the layer
+        asked for, the reference is resolved again rather than falling back to a full download.
+        """
         ref = parse_reference(reference)
         if manifest_digest and ref.digest is None:
             ref = parse_reference(f"{reference}@{manifest_digest}") if "@" not in reference else ref
         key = str(ref)
-        if key not in self._images:
-            self._images[key] = await self._client.resolve(ref)
+        cached = self._images.get(key)
+        if cached is not None and any(layer.digest == layer_digest for layer in cached.layers):
+            return cached
+        self._images[key] = await self._client.resolve(ref)
         return self._images[key]
+
+    def _published_for(self, image: ResolvedImage) -> PublishedIndexes:
+        """The published-index listing of ``image``, shared by its layers (fetched once, not per layer)."""
+        if image.manifest_digest not in self._published:
+            self._published[image.manifest_digest] = PublishedIndexes(self._client, image)
+        return self._published[image.manifest_digest]
 
     def _record_for(
         self, image: ResolvedImage, chain_id: str, parent: str, layer_digest: str
@@ -185,12 +203,16 @@ class FuseRemoteLayers(RemoteLayers):
             image.diff_ids[position],
         )
 
-    async def _expose(self, record: ChainRecord, *, allow_download: bool) -> None:
+    async def _expose(
+        self, record: ChainRecord, *, allow_download: bool, published: PublishedIndexes | None
+    ) -> None:
+        """Open the record's layer and show its chain; raises LazysnapError (and exposes nothing)."""
+        if record.parent and record.parent not in self._chains:
+            # Never show a chain without its lower layers: containers would see a partial rootfs.
+            raise LazysnapError(f"chain {record.chain_id}: its parent chain {record.parent} is not available")
         layer = self._layers.get(record.digest)
         if layer is None:
             ref = parse_reference(record.reference)
-            image = self._images.get(record.reference)
-            published = PublishedIndexes(self._client, image) if image is not None else None
             resolver = LayerResolver(self._client, ref, self._cache, self._store, published=published)
             layer = await resolver.open_layer(
                 record.descriptor(), record.diff_id, allow_download=allow_download
@@ -200,16 +222,26 @@ class FuseRemoteLayers(RemoteLayers):
                 self._nursery.start_soon(self._fill, layer, record.diff_id)
         chain = [*self._chains.get(record.parent, []), layer]
         tree = await trio.to_thread.run_sync(MergedTree.build, [member.index.entries for member in chain])
-        self._operations.add_tree(_hex(record.chain_id), tree, ChainSource(chain))
+        self._operations.add_tree(
+            _hex(record.chain_id), tree, ChainSource(chain, read_timeout=self._read_timeout)
+        )
         self._chains[record.chain_id] = chain
 
     async def _fill(self, layer: Layer, diff_id: str) -> None:
         """Fetch the rest of a layer in the background and verify it; failures are logged, not raised."""
+        digest = layer.descriptor.digest
         try:
+            # Let the container's start-up reads go first.
+            await trio.sleep(self._background_delay)
             await layer.blob.fill()
             await verify_layer(layer, diff_id)
-        except LazysnapError as error:
-            log.warning("background-fetch-failed layer=%s error=%s", layer.descriptor.digest, error)
+        except Exception as error:
+            # Anything, not only LazysnapError: this task shares the nursery of the FUSE main
+            # loop, so an escaping exception would take the whole daemon down. On-demand reads
+            # still work (or fail alone) after a failed fill.
+            log.warning("background-fetch-failed layer=%s error=%s: %s", digest, type(error).__name__, error)
+        else:
+            log.info("background-fetch-complete layer=%s", digest)
 
     def _record_path(self, chain_id: str) -> Path:
         return self._records_dir / f"{_hex(chain_id)}.json"
@@ -264,6 +296,8 @@ async def fuse_remote_layers(config: Config) -> AsyncIterator[RemoteLayers | Non
                         operations,
                         nursery,
                         background_fetch=config.background_fetch.enabled,
+                        background_delay=config.background_fetch.delay_seconds,
+                        read_timeout=config.fuse.read_timeout_seconds,
                     )
                 finally:
                     nursery.cancel_scope.cancel()  # unmounts the forest and stops background fills

@@ -7,8 +7,10 @@ docker-registry with ``ctr-remote image rpull`` and runs them with ``ctr run``.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -48,7 +50,7 @@ NO_BACKGROUND = "[background_fetch]\nenabled = false\n"
 #: Registry failures surface quickly: short timeouts, few retries.
 FAST_FAILURE = (
     "[fetch]\ntimeout_seconds = 3.0\nconnect_timeout_seconds = 1.0\nretries = 2\nbackoff_seconds = 0.1\n"
-    "[fuse]\nread_timeout_seconds = 10.0\n"
+    "[fuse]\nread_timeout_seconds = 4.0\n"
 )
 
 
@@ -265,30 +267,84 @@ def test_restart_keeps_snapshots_and_cached_data(private_registry: LocalRegistry
         assert "remote-snapshot-restored=false" not in stack.log()
 
 
-def test_unreachable_registry_gives_eio_not_a_hang(private_registry: LocalRegistry) -> None:
+@contextlib.contextmanager
+def _silent_listener(port: int) -> Iterator[None]:
+    """A socket on ``port`` that completes TCP handshakes (in its backlog) and never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)
+        yield
+
+
+@pytest.mark.parametrize("outage", ["refused", "silent"])
+def test_unreachable_registry_gives_eio_not_a_hang(private_registry: LocalRegistry, outage: str) -> None:
     """With the registry gone, Mounts still answers and a read of uncached bytes fails with EIO in bounded time."""
-    image = push_estargz(private_registry, "unreachable")
+    image = push_estargz(private_registry, f"unreachable-{outage}")
     with LazysnapStack(
         plain_http=[private_registry.host], config_extra=NO_BACKGROUND + FAST_FAILURE
     ) as stack:
         stack.rpull(image.ref)
         assert stack.run(image.ref, "warm", "cat", "/etc/lower.txt").stdout == LOWER_TEXT
         private_registry.stop()
-
-        top_chain = next(key for key in stack.snapshot_keys() if key.startswith("sha256:"))
-        stack.snapshots("prepare", "probe-unreachable", top_chain)
-        assert "overlay" in stack.snapshots("mounts", "/mnt", "probe-unreachable").stdout
-        started = time.monotonic()
-        result = stack.run(
-            image.ref,
-            "cold",
-            "sh",
-            "-c",
-            "cat /data/big.bin > /dev/null || echo read-failed",
-            check=False,
-            timeout=120,
-        )
-        elapsed = time.monotonic() - started
-        assert "read-failed" in result.stdout, result
+        with contextlib.ExitStack() as outages:
+            if outage == "silent":
+                outages.enter_context(_silent_listener(private_registry.port))
+            top_chain = next(key for key in stack.snapshot_keys() if key.startswith("sha256:"))
+            stack.snapshots("prepare", "probe-unreachable", top_chain)
+            assert "overlay" in stack.snapshots("mounts", "/mnt", "probe-unreachable", timeout=10).stdout
+            started = time.monotonic()
+            command = "cat /etc/lower.txt; cat /data/big.bin > /dev/null || echo read-failed"
+            result = stack.run(image.ref, "cold", "sh", "-c", command, check=False, timeout=120)
+            elapsed = time.monotonic() - started
+        assert result.stdout == LOWER_TEXT + "read-failed\n", result
         assert "Input/output error" in result.stderr, result
+        print(f"{outage}: the read failed with EIO after {elapsed:.1f} s")
         assert elapsed < 60
+        if outage == "silent":
+            # The registry client alone would wait 3 attempts x 3 s; the FUSE read deadline cut it.
+            assert "not read within 4.0 s" in stack.log(), stack.log()
+
+
+def test_retagged_image_is_resolved_again(stack: LazysnapStack, registry: TestRegistry) -> None:
+    """When a tag moves to another image, the new image's layers are still served lazily."""
+    ref = registry.ref("retagged")
+    first = _push(ref, [_estargz_layer(entries) for entries in _entries("retag-first")])
+    stack.rpull(first.ref)
+    second = _push(ref, [_estargz_layer(entries) for entries in _entries("retag-second")])
+    before = len(prepared_lines(stack.log(), "true"))
+    stack.rpull(second.ref)
+    assert len(prepared_lines(stack.log(), "true")) - before == len(second.layer_digests), stack.log()
+    assert stack.run(second.ref, "retagged-run", "cat", "/etc/layer-0").stdout == "retag-second"
+
+
+def test_mixed_image_stacks_local_layers_on_remote_ones(stack: LazysnapStack, registry: TestRegistry) -> None:
+    """An eStargz layer under plain gzip layers stays remote; the layers above fall back and the image runs."""
+    base, big, top = _entries("mixed")
+    image = _push(
+        registry.ref("mixed"), [_estargz_layer(base), make_layer(big, "gzip"), make_layer(top, "gzip")]
+    )
+    before_true = len(prepared_lines(stack.log(), "true"))
+    before_false = len(prepared_lines(stack.log(), "false"))
+    stack.rpull(image.ref)
+    assert len(prepared_lines(stack.log(), "true")) - before_true == 1, stack.log()
+    assert len(prepared_lines(stack.log(), "false")) - before_false == 2, stack.log()
+    result = stack.run(image.ref, "mixed-run", "cat", "/etc/lower.txt", "/data/small.txt", "/etc/top.txt")
+    assert result.stdout == LOWER_TEXT + SMALL_TEXT + TOP_TEXT
+
+
+def test_background_fetch_completes_layers_for_offline_use(private_registry: LocalRegistry) -> None:
+    """With background fetch on, whole layers arrive and verify, so unread files survive a registry outage."""
+    image = push_estargz(private_registry, "background")
+    config = "[background_fetch]\nenabled = true\ndelay_seconds = 0.5\n"
+    with LazysnapStack(plain_http=[private_registry.host], config_extra=config) as stack:
+        stack.rpull(image.ref)
+        assert stack.run(image.ref, "warm", "cat", "/etc/lower.txt").stdout == LOWER_TEXT
+        deadline = time.monotonic() + 60
+        while stack.log().count("background-fetch-complete") < len(image.layer_digests):
+            assert "background-fetch-failed" not in stack.log(), stack.log()
+            assert time.monotonic() < deadline, stack.log()
+            time.sleep(0.1)
+        private_registry.stop()
+        result = stack.run(image.ref, "offline", "sh", "-c", "wc -c < /data/big.bin")
+        assert result.stdout.strip() == str(BIG_SIZE)
