@@ -8,6 +8,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,10 +17,12 @@ from typing import Any
 
 import pytest
 
+from fusefs.mount import is_mounted
 from snapshotter.image_builder import Layer, PushedImage, TarEntry, file, make_layer
 from snapshotter.layer_resolver import HOW_DOWNLOADED, HOW_ESTARGZ, HOW_STORED, TOC_DIGEST_ANNOTATION
+from snapshotter.mount_state import pid_alive
 from tests.support.estargz_writer import TOC_NAME, build_estargz
-from tests.support.lazysnap_cli import CliSession, push
+from tests.support.lazysnap_cli import CliSession, push, wait_for
 from tests.support.registry import TestRegistry
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.tree_compare import layer_entries, snapshot
@@ -292,3 +296,35 @@ def test_corrupt_bytes_from_the_registry_give_eio_and_a_log_line(
     assert (mountpoint / SMALL).read_bytes() == b"key = value\n"
     (stats,) = layer_stats(cli, mountpoint)
     assert stats["integrity_failures"] >= 1
+
+
+def test_sigterm_during_a_stuck_read_unmounts(
+    registry: TestRegistry, cli: CliSession, tmp_path: Path
+) -> None:
+    """SIGTERM while a read waits on an unreachable registry still unmounts and ends the daemon; the reader gets an error, not a hang."""
+    image, _, _ = fault_image(registry, "estargz")
+    (mountpoint,) = directories(tmp_path, "mnt")
+    with TcpProxy("127.0.0.1", registry.registry.port) as proxy:
+        ref = f"{proxy.host}/{image.reference.repository}@{image.manifest_digest}"
+        cli.mount_ok(ref, mountpoint, "--no-background-fetch")
+        pid = cli.daemon_pid(mountpoint)
+        assert pid is not None
+        proxy.cut()
+        outcome: list[BaseException | bytes] = []
+        reader = threading.Thread(target=lambda: outcome.append(_try_read(mountpoint / BIG_FILE)))
+        reader.start()
+        time.sleep(0.5)  # the read is now waiting on the registry's retries
+        os.kill(pid, signal.SIGTERM)
+        reader.join(timeout=READ_FAILS_WITHIN)
+        assert not reader.is_alive()
+        assert wait_for(lambda: not pid_alive(pid), READ_FAILS_WITHIN)
+    assert isinstance(outcome[0], OSError), outcome
+    assert not is_mounted(str(mountpoint))
+    os.listdir(mountpoint)  # raises ENOTCONN on a dead mount
+
+
+def _try_read(path: Path) -> BaseException | bytes:
+    try:
+        return read_at(path, 3_500_000, 4096)
+    except OSError as error:
+        return error
