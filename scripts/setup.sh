@@ -11,6 +11,7 @@ APT_PACKAGES=(
   containerd runc stargz-snapshotter skopeo umoci               # the real containerd stack, ctr-remote (eStargz)
   golang-go golang-github-containerd-containerd-dev             # containerd's conformance suite and protos
   iproute2 zstd debootstrap psmisc util-linux                   # netns/tbf, zstd CLI, image builder, fuser, unshare
+  busybox-static                                                # a static shell for the tiny image of test_bench
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
