@@ -10,6 +10,7 @@ the index itself, never by the blob.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import queue
@@ -19,11 +20,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from index.errors import DigestMismatch, LayerFormatError
-from index.gzip_seek import GzipScanner
+from index.gzip_seek import GzipScanner, WindowTrimmer, minimize_window
 from index.model import LayerFormat, LayerIndex, SeekPoint
 from index.tar_entries import TarEntryParser
 from index.zstd_frames import ZstdScanner
 
+_TrimJob = tuple[int, SeekPoint, bytes]
 _BATCH = 256 << 10  # small fed pieces are batched to this size before they cross to the hasher
 _QUEUE_DEPTH = 32  # batches in flight: bounds memory at about 8 MiB (more for large feeds)
 
@@ -40,26 +42,32 @@ class _Scanner:
         """Check that the blob ended cleanly."""
 
 
-class _TarScanner(_Scanner):
-    def __init__(self, on_output: Callable[[bytes], None]) -> None:
+class _PlainTar(_Scanner):
+    """Plain tar needs no decoding: the worker parses the fed bytes themselves."""
+
+    def __init__(self) -> None:
         self.points = []
-        self._on_output = on_output
-
-    def feed(self, data: bytes) -> None:
-        self._on_output(data)
 
 
-class _Hasher:
-    """Blob digest, span digests and DiffID, computed on a worker thread fed through a bounded queue."""
+class _Worker:
+    """Blob digest, span digests, DiffID and tar parsing, on a worker thread fed through a bounded queue.
 
-    def __init__(self, span_size: int, hash_tar: bool) -> None:
+    The feeding thread spends its time in libz (GIL released); this thread runs the tar
+    parser (pure Python) and hashlib (GIL released), so the two overlap on two cores. An
+    error of the parser is re-raised by the next ``add`` or by ``close``.
+    """
+
+    def __init__(self, span_size: int, hash_tar: bool, parse: Callable[[bytes], None]) -> None:
+        self._parse = parse
+        self._plain_tar = not hash_tar  # compressed bytes are the tar itself
         self.blob = hashlib.sha256()
         self.tar = hashlib.sha256() if hash_tar else None
         self.spans: list[str] = []
         self._span_size = span_size
         self._span = hashlib.sha256()
         self._span_fill = 0
-        self._queue: queue.Queue[tuple[bool, bytes] | None] = queue.Queue(_QUEUE_DEPTH)
+        self._queue: queue.Queue[tuple[bool, bytes] | _TrimJob | None] = queue.Queue(_QUEUE_DEPTH)
+        self.windows: dict[int, bytes] = {}  # trimmed windows by seek point index
         self._pending: dict[bool, list[bytes]] = {True: [], False: []}
         self._pending_size = {True: 0, False: 0}
         self._error: BaseException | None = None
@@ -72,13 +80,17 @@ class _Hasher:
         return functools.partial(self._queue.put, None)
 
     def add(self, compressed: bool, data: bytes) -> None:
-        """Queue ``data`` for hashing, as compressed blob bytes or as tar bytes."""
-        if not compressed and self.tar is None:
-            return
+        """Queue ``data`` as compressed blob bytes or as tar bytes; re-raises an error of the worker."""
+        if self._error is not None:
+            raise self._error
         self._pending[compressed].append(data)
         self._pending_size[compressed] += len(data)
         if self._pending_size[compressed] >= _BATCH:
             self._flush(compressed)
+
+    def trim(self, job: _TrimJob) -> None:
+        """Queue the trimming of one checkpoint's window (see ``minimize_window``)."""
+        self._queue.put(job)
 
     def close(self) -> None:
         """Hash what is queued and stop the thread; re-raises an error of the thread."""
@@ -106,11 +118,18 @@ class _Hasher:
             if self._error is not None:
                 continue  # keep draining so producers never block
             try:
+                if len(item) == 3:
+                    index, point, following = item
+                    self.windows[index] = minimize_window(point, following)
+                    continue
                 compressed, data = item
                 if compressed:
                     self._hash_compressed(data)
+                    if self._plain_tar:
+                        self._parse(data)
                 elif self.tar is not None:
                     self.tar.update(data)
+                    self._parse(data)
             except BaseException as exc:  # reported by close()
                 self._error = exc
 
@@ -157,25 +176,28 @@ class LayerIndexBuilder:
         self._span_size = span_size
         self._name = digest or f"(undigested {media_type})"
         self._tar = TarEntryParser(self._name)
-        self._hasher = _Hasher(span_size, hash_tar=self._format is not LayerFormat.TAR)
+        self._hasher = _Worker(span_size, self._format is not LayerFormat.TAR, self._tar.feed)
         # A builder dropped without finish() (a download that failed) must not leave the
         # hashing thread blocked forever; the thread itself holds no reference to the builder.
         weakref.finalize(self, self._hasher.stop_signal())
         self._scanner = self._make_scanner(gzip_spacing)
+        # gzip windows are trimmed to the bytes the stream really references, so a stored
+        # index is a few times smaller (each window otherwise costs ~10 KB compressed).
+        self._trimmer = WindowTrimmer() if self._format is LayerFormat.GZIP else None
         self._fed = 0
         self._error: BaseException | None = None
         self._done = False
 
     def _make_scanner(self, spacing: int) -> _Scanner | GzipScanner | ZstdScanner:
         if self._format is LayerFormat.GZIP:
-            return GzipScanner(self._on_output, spacing=spacing)
+            # With the blob's digest known, its check covers every byte: the CRC would only cost time.
+            return GzipScanner(self._on_output, spacing=spacing, check_crc=self._expected is None)
         if self._format is LayerFormat.ZSTD:
             return ZstdScanner(self._on_output)
-        return _TarScanner(self._on_output)
+        return _PlainTar()
 
     def _on_output(self, data: bytes) -> None:
         self._hasher.add(False, data)
-        self._tar.feed(data)
 
     def feed(self, data: bytes) -> None:
         """Consume the next bytes of the compressed blob; raises LayerFormatError (naming the layer) on bad data."""
@@ -186,16 +208,22 @@ class LayerIndexBuilder:
         if not data:
             return
         data = bytes(data)
+        start = self._fed
         self._fed += len(data)
-        self._hasher.add(True, data)
+        self._guard(self._hasher.add, True, data)
         self._guard(self._scanner.feed, data)
+        if self._trimmer is not None:
+            scanner = self._scanner
+            assert isinstance(scanner, GzipScanner)
+            for job in self._trimmer.observe(scanner.points, data, start, scanner.uncompressed_pos):
+                self._hasher.trim(job)
 
     def finish(self) -> LayerIndex:
         """Return the index; raises DigestMismatch, TruncatedLayer, LayerFormatError or UnsafePath naming the layer."""
         if self._error is not None:
             raise self._error
         self._done = True
-        self._hasher.close()
+        self._guard(self._hasher.close)
         actual = "sha256:" + self._hasher.blob.hexdigest()
         if self._expected is not None and actual != self._expected:
             self._error = DigestMismatch(
@@ -205,6 +233,9 @@ class LayerIndexBuilder:
         self._name = self._tar.layer = actual
         self._guard(self._scanner.finish)
         entries = self._guard(self._tar.finish)
+        points = self._scanner.points
+        for i, window in self._hasher.windows.items():
+            points[i] = dataclasses.replace(points[i], window=window)
         diff_id = actual if self._hasher.tar is None else "sha256:" + self._hasher.tar.hexdigest()
         return LayerIndex(
             media_type=self._media_type,
@@ -241,6 +272,10 @@ class LayerIndexBuilder:
             self._hasher.close()
         except Exception:
             pass
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
 
 
 def build_index(media_type: str, fmt: LayerFormat, chunks: Iterable[bytes], **kwargs: Any) -> LayerIndex:

@@ -21,6 +21,8 @@ import struct
 import zlib
 from collections.abc import Callable
 
+import numpy as np
+
 from index.errors import LayerFormatError, TruncatedLayer
 from index.model import SeekPoint
 
@@ -184,8 +186,10 @@ class GzipScanner:
         *,
         spacing: int = 0,
         start: SeekPoint | None = None,
+        check_crc: bool = True,
     ) -> None:
         self._on_output = on_output
+        self._check_crc = check_crc
         self._spacing = spacing
         self.points: list[SeekPoint] = []
         self._inf = RawInflater()
@@ -257,8 +261,10 @@ class GzipScanner:
             self._check_member = True  # later members are seen from their start
             return
         crc, isize = struct.unpack("<II", trailer)
-        if crc != self._crc or isize != self._member_out & 0xFFFFFFFF:
-            raise LayerFormatError(f"gzip member {self.members} fails its CRC/size check: the blob is corrupt")
+        if (self._check_crc and crc != self._crc) or isize != self._member_out & 0xFFFFFFFF:
+            raise LayerFormatError(
+                f"gzip member {self.members} fails its CRC/size check: the blob is corrupt"
+            )
 
     def _begin_member(self) -> None:
         self._inf.reset()
@@ -284,13 +290,16 @@ class GzipScanner:
         inf.set_input(data)
         while True:
             before = inf.avail_in
-            out, rc = inf.inflate()
+            # Stopping at every block boundary costs a Python round trip per block; do it only
+            # where the next checkpoint may fall.
+            near = self._spacing and self.uncompressed_pos - self._last_point >= self._spacing - _OUT_SIZE
+            out, rc = inf.inflate(_Z_BLOCK if near else _Z_NO_FLUSH)
             consumed = before - inf.avail_in
             self.compressed_pos += consumed
             if out:
                 self.uncompressed_pos += len(out)
                 self._member_out += len(out)
-                if self._check_member:
+                if self._check_member and self._check_crc:
                     self._crc = zlib.crc32(out, self._crc)
                 self._on_output(out)
             if rc == _Z_STREAM_END:
@@ -301,5 +310,102 @@ class GzipScanner:
                     raise LayerFormatError(f"deflate stream stalls at compressed byte {self.compressed_pos}")
                 return b""  # libz needs more input
             dt = inf.data_type
-            if dt & 128 and not dt & 64:
+            if near and dt & 128 and not dt & 64:
                 self._maybe_point(dt & 7, None)
+
+
+# Probe windows for minimize_window: byte i of the window is replaced by a function of i, so
+# every output byte copied from the window reveals (across the probes) which position it came from.
+_POSITIONS = np.arange(WINDOW_SIZE, dtype=np.uint32)
+_PROBE_LOW = (_POSITIONS & 0xFF).astype(np.uint8)
+_PROBE_HIGH = ((_POSITIONS >> 8) | 0x80).astype(np.uint8)
+_PROBE_FLIP = _PROBE_LOW ^ 0x55
+
+
+def _decode_after(point: SeekPoint, window: bytes, following: bytes) -> bytes:
+    """Decode ``following`` (blob bytes from the checkpoint on) with ``window`` as history; stop at the first 32 KiB."""
+    out: list[bytes] = []
+    scanner = GzipScanner(out.append, start=SeekPoint(point.compressed_offset, 0, point.bits, window))
+    try:
+        for pos in range(0, len(following), 8192):
+            if scanner.uncompressed_pos >= WINDOW_SIZE:
+                break
+            scanner.feed(following[pos : pos + 8192])
+    except LayerFormatError:
+        pass  # the bytes may end in the middle of a member header; what was decoded is enough
+    return b"".join(out)[:WINDOW_SIZE]
+
+
+def minimize_window(point: SeekPoint, following: bytes) -> bytes:
+    """Return ``point.window`` with every byte the stream after the point never references set to zero.
+
+    ``following`` are the blob bytes from ``point.compressed_offset`` on, enough to decode at
+    least 32 KiB past the point (or to the end of the blob); no later output can reach back
+    into the window. The zeroed window resumes decompression exactly like the original and
+    compresses several times smaller, which is what keeps a stored index small. Returns the
+    window unchanged when the check that the two decode identically fails; raises nothing.
+    """
+    window = point.window
+    n = len(window)
+    if not n:
+        return window
+    low, high, flip = (
+        _decode_after(point, probe[-n:].tobytes(), following)
+        for probe in (_PROBE_LOW, _PROBE_HIGH, _PROBE_FLIP)
+    )
+    size = min(len(low), len(high), len(flip))
+    a = np.frombuffer(low, np.uint8, size)
+    b = np.frombuffer(high, np.uint8, size)
+    copied = a != np.frombuffer(flip, np.uint8, size)  # literals are the same in every probe
+    # Probe positions are counted from the start of the full 32 KiB probe; shift to this window.
+    used = (a[copied].astype(np.int64) | ((b[copied].astype(np.int64) & 0x7F) << 8)) - (WINDOW_SIZE - n)
+    minimized = np.zeros(n, np.uint8)
+    source = np.frombuffer(window, np.uint8)
+    minimized[used] = source[used]
+    result = minimized.tobytes()
+    if _decode_after(point, result, following) != _decode_after(point, window, following):
+        return window
+    return result
+
+
+class WindowTrimmer:
+    """Collects, for each new checkpoint, the blob bytes after it until 32 KiB of output have passed.
+
+    The builder calls ``observe`` after each fed piece; each returned job (point index, point,
+    following bytes) is ready for ``minimize_window``. ``flush`` returns the jobs of the last
+    checkpoints at the end of the blob. Memory: about 32 KiB plus one piece per open checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._open: list[tuple[int, SeekPoint, list[bytes]]] = []
+        self._seen = 0
+        self._last_byte = b""
+
+    def observe(
+        self, points: list[SeekPoint], piece: bytes, piece_start: int, output_pos: int
+    ) -> list[tuple[int, SeekPoint, bytes]]:
+        """Account for ``piece`` (blob bytes from ``piece_start``) after the scanner has consumed it."""
+        for parts in (p for _, _, p in self._open):
+            parts.append(piece)
+        for i in range(self._seen, len(points)):
+            point = points[i]
+            if not point.window:
+                continue  # a member start needs no history
+            # A checkpoint inside a byte may start in the last byte of the previous piece.
+            prefix = self._last_byte if point.compressed_offset < piece_start else b""
+            self._open.append((i, point, [prefix + piece[max(0, point.compressed_offset - piece_start) :]]))
+        self._seen = len(points)
+        self._last_byte = piece[-1:]
+        ready = [
+            (i, p, b"".join(parts))
+            for i, p, parts in self._open
+            if output_pos >= p.uncompressed_offset + WINDOW_SIZE
+        ]
+        self._open = [job for job in self._open if output_pos < job[1].uncompressed_offset + WINDOW_SIZE]
+        return ready
+
+    def flush(self) -> list[tuple[int, SeekPoint, bytes]]:
+        """Return the jobs still open at the end of the blob."""
+        ready = [(i, p, b"".join(parts)) for i, p, parts in self._open]
+        self._open = []
+        return ready

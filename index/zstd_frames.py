@@ -93,4 +93,6 @@ class ZstdScanner:
             self._skip = int.from_bytes(buf[4:8], "little")
             self.compressed_pos += 8
             return buf[8:]
-        raise LayerFormatError(f"no zstd frame at compressed byte {self.compressed_pos} (magic {magic:#010x})")
+        raise LayerFormatError(
+            f"no zstd frame at compressed byte {self.compressed_pos} (magic {magic:#010x})"
+        )

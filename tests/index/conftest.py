@@ -41,7 +41,9 @@ def other_info(name: str, kind: bytes, **attrs: object) -> tuple[tarfile.TarInfo
 
 def gzip_members(data: bytes, member_size: int) -> bytes:
     """Compress ``data`` as consecutive gzip members of ``member_size`` input bytes each."""
-    return b"".join(gzip.compress(data[i : i + member_size], 6) for i in range(0, max(len(data), 1), member_size))
+    return b"".join(
+        gzip.compress(data[i : i + member_size], 6) for i in range(0, max(len(data), 1), member_size)
+    )
 
 
 def zstd_frames(data: bytes, frame_size: int) -> bytes:
@@ -59,7 +61,9 @@ COMPRESSORS: dict[str, tuple[LayerFormat, Callable[[bytes], bytes]]] = {
 }
 
 
-def blob_source(blob: bytes, log: list[tuple[int, int]] | None = None) -> Callable[[int, int], Awaitable[bytes]]:
+def blob_source(
+    blob: bytes, log: list[tuple[int, int]] | None = None
+) -> Callable[[int, int], Awaitable[bytes]]:
     """Return an async read_range over ``blob`` that records each call in ``log``."""
 
     async def read_range(offset: int, length: int) -> bytes:

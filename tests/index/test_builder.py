@@ -29,7 +29,12 @@ def test_digests_sizes_and_spans(compression: str) -> None:
     fmt, compress = COMPRESSORS[compression]
     blob = compress(TAR)
     index = build_index("application/x", fmt, [blob], digest=sha(blob), span_size=4096, gzip_spacing=64 << 10)
-    assert (index.digest, index.compressed_size, index.diff_id, index.uncompressed_size) == (sha(blob), len(blob), sha(TAR), len(TAR))
+    assert (index.digest, index.compressed_size, index.diff_id, index.uncompressed_size) == (
+        sha(blob),
+        len(blob),
+        sha(TAR),
+        len(TAR),
+    )
     assert index.span_digests == [sha(blob[i : i + 4096]) for i in range(0, len(blob), 4096)]
     assert index.media_type == "application/x" and index.format is fmt
     assert [e.path for e in index.entries] == ["d", "d/a", "d/b"]

@@ -132,10 +132,15 @@ def test_reads_through_index_equal_tarfile(
                 content = archive.extractfile(member).read()  # type: ignore[union-attr]
                 offset = data.draw(st.integers(0, entry.size + 10))
                 length = data.draw(st.integers(0, entry.size + 10))
-                reads += [(entry, 0, entry.size, content), (entry, offset, length, content[offset : offset + length])]
+                reads += [
+                    (entry, 0, entry.size, content),
+                    (entry, offset, length, content[offset : offset + length]),
+                ]
 
     async def check() -> None:
-        reader = LayerReader(index, blob_source(blob), decoded_cache_bytes=data.draw(st.sampled_from([0, 8 << 20])))
+        reader = LayerReader(
+            index, blob_source(blob), decoded_cache_bytes=data.draw(st.sampled_from([0, 8 << 20]))
+        )
         for entry, offset, length, expected in reads:
             assert await reader.read(entry, offset, length) == expected
 
@@ -149,7 +154,12 @@ def _check_metadata(member: tarfile.TarInfo, entry: object) -> None:
     assert entry.path == normalize_path(member.name)
     assert entry.type is _KIND_OF[member.type]
     assert entry.mode == member.mode
-    assert (entry.uid, entry.gid, entry.uname, entry.gname) == (member.uid, member.gid, member.uname, member.gname)
+    assert (entry.uid, entry.gid, entry.uname, entry.gname) == (
+        member.uid,
+        member.gid,
+        member.uname,
+        member.gname,
+    )
     if "mtime" in member.pax_headers:
         assert entry.mtime_ns == int(Decimal(member.pax_headers["mtime"]).scaleb(9))
     else:

@@ -17,7 +17,9 @@ from index.reader import ByteRange, LayerReader, is_randomly_accessible, max_spa
 from tests.index.conftest import COMPRESSORS, blob_source, file_info, files_of, make_tar, other_info
 
 BIG = b"".join(b"line %d of a big text file %x\n" % (i, i * 31) for i in range(200_000)) + os.urandom(500_000)
-TAR = make_tar([file_info("small", b"tiny"), file_info("big", BIG), other_info("dir", b"5"), file_info("empty")])
+TAR = make_tar(
+    [file_info("small", b"tiny"), file_info("big", BIG), other_info("dir", b"5"), file_info("empty")]
+)
 
 
 def built(compression: str, spacing: int = 256 << 10) -> tuple[LayerIndex, bytes]:
@@ -114,7 +116,11 @@ def _chunked_layer(corrupt: bool = False) -> tuple[LayerIndex, bytes, bytes]:
     members = [gzip.compress(data[:12_000]), zstandard.ZstdCompressor().compress(data[12_000:])]
     blob = b"junk" + b"".join(members)
     offsets = [4, 4 + len(members[0]), len(blob)]
-    digests = [hashlib.sha256(data[:5000]).hexdigest(), hashlib.sha256(data[5000:12_000]).hexdigest(), hashlib.sha256(data[12_000:]).hexdigest()]
+    digests = [
+        hashlib.sha256(data[:5000]).hexdigest(),
+        hashlib.sha256(data[5000:12_000]).hexdigest(),
+        hashlib.sha256(data[12_000:]).hexdigest(),
+    ]
     if corrupt:
         digests[1] = "0" * 64
     chunks = (

@@ -19,14 +19,40 @@ from tests.index.conftest import file_info, make_tar
 def sample_index(n: int = 50) -> LayerIndex:
     """An index touching every field: xattrs, chunks, devices, windows, unicode names."""
     entries = [
-        Entry(f"dir/ü{i}", EntryType.FILE, 0o4755, i, 2, "root", "wheel", i * 10, i * 10**9 + 7, "", {}, 0, 0, i * 512)
+        Entry(
+            f"dir/ü{i}",
+            EntryType.FILE,
+            0o4755,
+            i,
+            2,
+            "root",
+            "wheel",
+            i * 10,
+            i * 10**9 + 7,
+            "",
+            {},
+            0,
+            0,
+            i * 512,
+        )
         for i in range(n)
     ]
     entries += [
-        Entry("cap", EntryType.FILE, xattrs={"security.capability": b"\x01\x00\xff", "user.x": b""}, size=5, data_offset=9),
+        Entry(
+            "cap",
+            EntryType.FILE,
+            xattrs={"security.capability": b"\x01\x00\xff", "user.x": b""},
+            size=5,
+            data_offset=9,
+        ),
         Entry("dev", EntryType.CHAR, devmajor=1, devminor=3),
         Entry("link", EntryType.HARDLINK, link_target="cap"),
-        Entry("chunked", EntryType.FILE, size=8, chunks=(Chunk(0, 4, 100, 200, 0, "sha256:aa"), Chunk(4, 4, 100, 200, 4, ""))),
+        Entry(
+            "chunked",
+            EntryType.FILE,
+            size=8,
+            chunks=(Chunk(0, 4, 100, 200, 0, "sha256:aa"), Chunk(4, 4, 100, 200, 4, "")),
+        ),
     ]
     points = [SeekPoint(10, 0), SeekPoint(5000, 1 << 20, 3, bytes(range(256)) * 128)]
     return LayerIndex(

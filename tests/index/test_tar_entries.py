@@ -62,11 +62,23 @@ def test_entry_kinds_and_attributes_are_kept() -> None:
     assert entries[""].type is EntryType.DIR
     assert entries["bin"].mode == 0o1777
     su = entries["bin/su"]
-    assert (su.type, su.mode, su.uid, su.gid, su.uname, su.gname, su.size) == (EntryType.FILE, 0o4755, 1, 2, "u", "g", 2)
+    assert (su.type, su.mode, su.uid, su.gid, su.uname, su.gname, su.size) == (
+        EntryType.FILE,
+        0o4755,
+        1,
+        2,
+        "u",
+        "g",
+        2,
+    )
     assert tar[su.data_offset : su.data_offset + 2] == b"#!"
     assert entries["bin/sh"].link_target == "../usr/bin/dash"
     assert (entries["bin/su2"].type, entries["bin/su2"].link_target) == (EntryType.HARDLINK, "bin/su")
-    assert (entries["dev/null"].type, entries["dev/null"].devmajor, entries["dev/null"].devminor) == (EntryType.CHAR, 1, 3)
+    assert (entries["dev/null"].type, entries["dev/null"].devmajor, entries["dev/null"].devminor) == (
+        EntryType.CHAR,
+        1,
+        3,
+    )
     assert entries["dev/sda"].type is EntryType.BLOCK
     assert entries["run/fifo"].type is EntryType.FIFO
     assert {"etc/.wh.gone", "etc/.wh..wh..opq"} <= entries.keys()
@@ -76,10 +88,17 @@ def test_pax_xattrs_mtime_and_long_names() -> None:
     """PAX records give raw xattr bytes (security.capability), nanosecond mtimes, long paths and big ids."""
     cap = "\x01\x00\x00\x02\x00\x20\x00\x00\udcff\udc80"  # not UTF-8: tarfile writes it as raw bytes
     info, data = file_info("d/" + "ü" * 150, b"x", uid=3_000_000)
-    info.pax_headers = {"SCHILY.xattr.security.capability": cap, "SCHILY.xattr.user.a": "b", "mtime": "1700000000.123456789"}
+    info.pax_headers = {
+        "SCHILY.xattr.security.capability": cap,
+        "SCHILY.xattr.user.a": "b",
+        "mtime": "1700000000.123456789",
+    }
     entry = parse(make_tar([(info, data)], tarfile.PAX_FORMAT)).entries[0]
     assert entry.path == "d/" + "ü" * 150
-    assert entry.xattrs == {"security.capability": b"\x01\x00\x00\x02\x00\x20\x00\x00\xff\x80", "user.a": b"b"}
+    assert entry.xattrs == {
+        "security.capability": b"\x01\x00\x00\x02\x00\x20\x00\x00\xff\x80",
+        "user.a": b"b",
+    }
     assert entry.mtime_ns == 1_700_000_000_123_456_789
     assert entry.uid == 3_000_000
 
@@ -87,7 +106,10 @@ def test_pax_xattrs_mtime_and_long_names() -> None:
 def test_gnu_long_names_and_links() -> None:
     """GNU `L`/`K` headers supply long names and long link targets, in any piece size."""
     long = "/".join(["directory"] * 30)
-    tar = make_tar([file_info(long, b"abc"), other_info(long + "2", tarfile.SYMTYPE, linkname="t" * 300)], tarfile.GNU_FORMAT)
+    tar = make_tar(
+        [file_info(long, b"abc"), other_info(long + "2", tarfile.SYMTYPE, linkname="t" * 300)],
+        tarfile.GNU_FORMAT,
+    )
     for piece in (0, 1, 100, 512):
         entries = parse(tar, piece).entries
         assert [e.path for e in entries] == [long, long + "2"]
@@ -131,7 +153,9 @@ def test_hardlink_must_point_to_an_earlier_entry() -> None:
     to_dir = make_tar([other_info("d", tarfile.DIRTYPE), other_info("link", tarfile.LNKTYPE, linkname="d")])
     with pytest.raises(UnsafePath):
         parse(to_dir)
-    escaping = make_tar([file_info("etc/passwd", b"x"), other_info("l", tarfile.LNKTYPE, linkname="../../etc/passwd")])
+    escaping = make_tar(
+        [file_info("etc/passwd", b"x"), other_info("l", tarfile.LNKTYPE, linkname="../../etc/passwd")]
+    )
     assert parse(escaping).entries[1].link_target == "etc/passwd"
 
 

@@ -43,7 +43,13 @@ def test_frame_starts_are_seek_points() -> None:
 def test_skippable_frames_are_stepped_over() -> None:
     """Skippable frames before, between and after data frames produce no output and no seek point."""
     comp = zstandard.ZstdCompressor()
-    blob = skippable(b"meta") + comp.compress(b"a" * 1000) + skippable(b"") + comp.compress(b"b") + skippable(b"x" * 99)
+    blob = (
+        skippable(b"meta")
+        + comp.compress(b"a" * 1000)
+        + skippable(b"")
+        + comp.compress(b"b")
+        + skippable(b"x" * 99)
+    )
     scanner, out = scan(blob, 3)
     assert out == b"a" * 1000 + b"b"
     assert [p.uncompressed_offset for p in scanner.points] == [0, 1000]

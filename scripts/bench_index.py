@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Benchmark the one-pass layer index on a ~150 MB gzip layer of /usr and the Python standard library.
+
+Prints, in one run: build throughput next to plain zlib decompression of the same blob (the
+baseline), index size as a share of the blob, load time of the stored index and of a
+10,000-entry index, and the compressed bytes and time of cold random 4 KiB reads at 1, 2
+and 4 MiB checkpoint spacing. Writes the numbers as JSON with --out.
+
+Usage: .venv/bin/python scripts/bench_index.py [--out results.json] [--reads 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from index.builder import LayerIndexBuilder
+from index.model import EntryType, LayerFormat, LayerIndex
+from index.reader import LayerReader, plan_read
+from index.serialize import dump_index, load_index, load_index_file, save_index
+
+CACHE = Path("/tmp/lazysnap-bench")
+SOURCES = [
+    "/usr/lib/python3.11",
+    "/root/.pyenv/versions/3.11.7/lib/python3.11",
+    "/usr/bin",
+    "/usr/lib",
+    "/usr/share",
+]
+TAR_TARGET = 480 << 20  # uncompressed bytes: gzip -6 turns this mix into roughly 150 MB
+PIECE = 64 << 10  # feed size, as an HTTP download delivers the blob
+MB = 1e6
+
+
+def make_layer() -> Path:
+    """Build (once) and return a gzip layer of about 150 MB from SOURCES, with GNU tar and gzip -6."""
+    blob = CACHE / "layer.tar.gz"
+    if blob.exists():
+        return blob
+    CACHE.mkdir(parents=True, exist_ok=True)
+    listing, total, seen = [], 0, set()
+    for root in SOURCES:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if total >= TAR_TARGET or path in seen or not os.path.isfile(path) or os.path.islink(path):
+                    continue
+                seen.add(path)
+                listing.append(path)
+                total += os.path.getsize(path) + 1024
+    (CACHE / "files.txt").write_text("\n".join(listing) + "\n")
+    tmp = blob.with_suffix(".tmp")
+    with open(tmp, "wb") as out:
+        tar = subprocess.Popen(
+            ["tar", "-cf", "-", "--no-recursion", "-T", str(CACHE / "files.txt")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        subprocess.run(["gzip", "-6", "-n"], stdin=tar.stdout, stdout=out, check=True)
+        tar.wait()
+    tmp.rename(blob)
+    return blob
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
+    """Run ``fn`` ``repeat`` times; return the best time and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def zlib_baseline(blob: bytes) -> int:
+    """Plain decompression of every gzip member, fed in PIECE-sized pieces; return the tar size."""
+    total, d = 0, zlib.decompressobj(31)
+    for i in range(0, len(blob), PIECE):
+        data = blob[i : i + PIECE]
+        while data:
+            total += len(d.decompress(data))
+            if not d.eof:
+                break
+            data, d = d.unused_data, zlib.decompressobj(31)
+    return total
+
+
+def build(blob: bytes, spacing: int, digest: str) -> LayerIndex:
+    """Index ``blob`` in one pass at ``spacing``, checking it against ``digest`` as a download would."""
+    builder = LayerIndexBuilder(
+        "application/vnd.oci.image.layer.v1.tar+gzip", LayerFormat.GZIP, digest=digest, gzip_spacing=spacing
+    )
+    for i in range(0, len(blob), PIECE):
+        builder.feed(blob[i : i + PIECE])
+    return builder.finish()
+
+
+def random_reads(index: LayerIndex, blob: bytes, count: int, seed: int = 7) -> dict[str, float]:
+    """Cold random 4 KiB reads (fresh reader each, position uniform over file bytes): mean fetched bytes and ms."""
+    files = [e for e in index.entries if e.type is EntryType.FILE and e.size > 0]
+    rng = random.Random(seed)
+    picks = []
+    for entry in rng.choices(files, weights=[e.size for e in files], k=count):
+        picks.append((entry, rng.randrange(entry.size)))
+    fetched: list[int] = []
+    times: list[float] = []
+
+    async def read_range(offset: int, length: int) -> bytes:
+        fetched[-1] += length
+        return blob[offset : offset + length]
+
+    async def run() -> None:
+        for entry, offset in picks:
+            fetched.append(0)
+            reader = LayerReader(index, read_range)
+            start = time.perf_counter()
+            data = await reader.read(entry, offset, 4096)
+            times.append(time.perf_counter() - start)
+            assert len(data) == min(4096, entry.size - offset)
+            assert sum(r.length for r in plan_read(index, entry, offset, 4096)) == fetched[-1]
+
+    trio.run(run)
+    return {
+        "mean_fetched_bytes": statistics.mean(fetched),
+        "median_fetched_bytes": statistics.median(fetched),
+        "mean_ms": statistics.mean(times) * 1000,
+        "p95_ms": sorted(times)[int(len(times) * 0.95)] * 1000,
+    }
+
+
+def main() -> None:
+    """Run the benchmark, print a table and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_index.json", help="where to write the JSON results")
+    parser.add_argument("--reads", type=int, default=200, help="random 4 KiB reads per spacing")
+    args = parser.parse_args()
+
+    path = make_layer()
+    blob = path.read_bytes()
+    print(
+        f"layer: {path} ({len(blob) / MB:.1f} MB gzip), python {sys.version.split()[0]}, zlib {zlib.ZLIB_RUNTIME_VERSION}, {os.cpu_count()} CPUs"
+    )
+    base_t, tar_size = timed(lambda: zlib_baseline(blob), repeat=2)
+    print(f"tar: {tar_size / MB:.1f} MB uncompressed")
+    res: dict[str, Any] = {"blob_bytes": len(blob), "tar_bytes": tar_size}
+    res["zlib_mb_s"] = len(blob) / base_t / MB
+
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()  # known from the manifest before the download
+    build_t, index = timed(lambda: build(blob, 1 << 20, digest), repeat=2)
+    res["build_mb_s"] = len(blob) / build_t / MB
+    res["build_vs_zlib"] = res["build_mb_s"] / res["zlib_mb_s"]
+    stored = dump_index(index)
+    res["entries"] = len(index.entries)
+    res["seek_points_1mib"] = len(index.seek_points)
+    res["index_bytes"] = len(stored)
+    res["index_pct_of_blob"] = 100 * len(stored) / len(blob)
+
+    idx_path = CACHE / "layer.idx"
+    save_index(idx_path, index)
+    res["load_ms"] = timed(lambda: load_index_file(idx_path), repeat=5)[0] * 1000
+    ten_k = dataclasses.replace(index, entries=(index.entries * 2)[:10_000])
+    ten_k_bytes = dump_index(ten_k)
+    res["load_10k_entries_ms"] = timed(lambda: load_index(ten_k_bytes), repeat=5)[0] * 1000
+
+    res["reads"] = {}
+    for spacing_mib in (1, 2, 4):
+        idx = index if spacing_mib == 1 else build(blob, spacing_mib << 20, digest)
+        res["reads"][f"{spacing_mib}MiB"] = {
+            "seek_points": len(idx.seek_points),
+            **random_reads(idx, blob, args.reads),
+        }
+
+    print()
+    print(f"{'measure':<44}{'value':>14}  target")
+    rows = [
+        ("plain zlib decompression (MB/s compressed)", f"{res['zlib_mb_s']:.1f}", "baseline"),
+        ("index build (MB/s compressed in)", f"{res['build_mb_s']:.1f}", ">= 100"),
+        ("build / plain zlib", f"{res['build_vs_zlib']:.2f}x", ">= 0.8x"),
+        (
+            f"index size ({res['entries']} entries, {res['seek_points_1mib']} pts)",
+            f"{res['index_pct_of_blob']:.2f}%",
+            "<= 3%",
+        ),
+        ("load stored index (ms)", f"{res['load_ms']:.1f}", ""),
+        ("load 10,000-entry index (ms)", f"{res['load_10k_entries_ms']:.1f}", "< 50"),
+    ]
+    for spacing, r in res["reads"].items():
+        rows.append(
+            (f"cold 4 KiB read @ {spacing}: fetched (KB)", f"{r['mean_fetched_bytes'] / 1e3:.0f}", "")
+        )
+        rows.append((f"cold 4 KiB read @ {spacing}: time (ms)", f"{r['mean_ms']:.2f}", ""))
+    for name, value, target in rows:
+        print(f"{name:<44}{value:>14}  {target}")
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
