@@ -9,8 +9,6 @@ Example (every key is optional; the values shown are the defaults)::
     [registry]
     plain_http = ["localhost:5000"]
     credentials_file = "/root/.docker/config.json"
-    [registry.mirrors]
-    "docker.io" = ["https://mirror.example.com"]
 
     [fetch]
     timeout_seconds = 30.0
@@ -40,17 +38,12 @@ class ConfigError(LazysnapError):
 class RegistryConfig:
     """How to reach registries."""
 
-    # Default {}: pull from the host named in the image reference. Mirrors are tried in order
-    # before it, as containerd's hosts.toml does, e.g. {"docker.io": ["https://mirror:5000"]}.
-    mirrors: dict[str, list[str]] = field(default_factory=dict)
     # Default []: HTTPS everywhere. Hosts ("host:port") listed here are spoken to over plain HTTP,
     # for local test registries; never list a host reached over an untrusted network.
     plain_http: list[str] = field(default_factory=list)
     # Default "": ~/.docker/config.json of the daemon's user. A docker-style config with "auths"
     # (base64 user:password or identitytoken) used for registry token auth.
     credentials_file: str = ""
-    # Default "lazysnap/0.1": registries log it, which helps operators tell us from containerd.
-    user_agent: str = "lazysnap/0.1"
 
 
 @dataclass(frozen=True)
@@ -70,11 +63,6 @@ class FetchConfig:
     # Default 8: connections per registry host. More helps on high-latency links; registries
     # commonly throttle above ~10.
     max_connections_per_host: int = 8
-    # Default 64 KiB: ranges closer than this are merged into one request; one round trip costs
-    # more than reading that many extra bytes on any realistic link.
-    merge_gap_bytes: int = 64 << 10
-    # Default 1 MiB: the smallest range fetched for a read, so sequential reads don't trickle.
-    min_fetch_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -83,8 +71,6 @@ class CacheConfig:
 
     # Default "": <root>/cache. Must be on a filesystem that supports sparse files.
     directory: str = ""
-    # Default 10 GiB: the cache evicts least recently used blobs above this; 0 means no limit.
-    size_limit_bytes: int = 10 << 30
 
 
 @dataclass(frozen=True)
@@ -95,10 +81,6 @@ class BackgroundFetchConfig:
     enabled: bool = True
     # Default 5 s: wait this long after mounting, so the start-up reads go first.
     delay_seconds: float = 5.0
-    # Default 0 (unlimited): cap in bytes/s so background fetches don't starve other traffic.
-    rate_limit_bytes_per_second: int = 0
-    # Default 4 MiB: one background request; large enough to be efficient, small enough to yield.
-    chunk_bytes: int = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -108,24 +90,20 @@ class IndexConfig:
     # Default 1 MiB: distance between gzip access points. Each point stores a 32 KiB window, so
     # the index is ~3% of the uncompressed size; a random read decompresses ~0.5 MiB on average.
     gzip_spacing_bytes: int = 1 << 20
-    # Default true: build an index for a plain gzip layer on pull (reads it once) instead of
-    # falling back to a full download. Off means only eStargz/zstd:chunked/stored-index layers are lazy.
-    build_gzip_index: bool = True
 
 
 @dataclass(frozen=True)
 class FuseConfig:
     """The FUSE filesystem that shows remote layers."""
 
-    # Default 1 s: layers never change once mounted, but a short timeout keeps memory bounded.
-    entry_timeout_seconds: float = 1.0
-    attr_timeout_seconds: float = 1.0
+    # Default 3600 s: entry and attribute cache lifetime in the kernel. Layers never change once
+    # mounted, and the kernel can still reclaim its caches under memory pressure; measured here,
+    # `ls -lR` of 20,000 files takes 9 s with 0 s timeouts and 0.14 s with any timeout >= 1 s.
+    entry_timeout_seconds: float = 3600.0
     # Default 60 s: a read that needs the registry fails with EIO after this, however retries go.
     read_timeout_seconds: float = 60.0
     # Default "": <root>/fuse. Where merged chains are mounted.
     mount_directory: str = ""
-    # Default true: let the kernel cache file data; layers are immutable so it is always valid.
-    kernel_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -189,11 +167,6 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list")
         return [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _, item = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a table")
-        return {k: _convert(item, v, source, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # TOML `timeout = 30` means 30.0
     if isinstance(hint, type) and not isinstance(hint, types.GenericAlias):

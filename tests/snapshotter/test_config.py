@@ -30,8 +30,6 @@ def test_sections_and_int_to_float(tmp_path: Path) -> None:
 root = "/srv/lazysnap"
 [registry]
 plain_http = ["localhost:5000"]
-[registry.mirrors]
-"docker.io" = ["https://mirror:5000"]
 [fetch]
 timeout_seconds = 5
 retries = 1
@@ -42,7 +40,6 @@ enabled = false
     config = load_config(path)
     assert config.root == "/srv/lazysnap"
     assert config.registry.plain_http == ["localhost:5000"]
-    assert config.registry.mirrors == {"docker.io": ["https://mirror:5000"]}
     assert config.fetch.timeout_seconds == 5.0 and config.fetch.retries == 1
     assert config.background_fetch.enabled is False
 
