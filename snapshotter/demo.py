@@ -1,74 +1,142 @@
-"""``lazysnap demo``: start a local registry, push a small sample image, resolve it and show its layers.
+"""``lazysnap demo``: a local registry, a sample image, and a lazy mount of it, end to end.
 
-Everything is local: Debian's docker-registry on a free 127.0.0.1 port in a temporary directory,
-an image built in Python (three gzip layers), pushed and then resolved with RegistryClient.
-Later issues turn this into a lazy mount of the same image.
+1. start Debian's docker-registry on a free 127.0.0.1 port in a temporary directory;
+2. build a sample image in Python (this Python's standard library as a big gzip layer, plus two
+   small layers, one of which deletes a file of the first) and push it;
+3. publish its layer indexes next to it (``lazysnap index push``, what an image's CI would do);
+4. mount it lazily with ``lazysnap mount`` from an empty cache, list it, read files, and compare
+   the bytes fetched from the registry with the image size; then unmount and stop the registry.
 """
 
 from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+from pathlib import Path
 
 import trio
 from rich.console import Console
 
 from snapshotter.chain_ids import chain_ids
 from snapshotter.image_builder import Layer, directory, file, make_layer, push_image, symlink, whiteout
+from snapshotter.index_command import push_image_indexes
 from snapshotter.local_registry import LocalRegistry
 from snapshotter.reference import Reference
 from snapshotter.registry_client import RegistryClient, ResolvedImage
 
 DEMO_REPOSITORY = "lazysnap/demo"
+STDLIB_IN_IMAGE = "usr/lib/python3"
+SAMPLE_FILE = "json/decoder.py"
+
+
+def stdlib_layer() -> Layer:
+    """A gzip layer holding this Python's standard library (no caches), about 10 MB compressed."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    out = io.BytesIO()
+
+    def skip_caches(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if "__pycache__" in info.name or "site-packages" in info.name else info
+
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(stdlib, arcname=STDLIB_IN_IMAGE, filter=skip_caches)
+    return make_layer(out.getvalue(), "gzip")
 
 
 def sample_layers() -> list[Layer]:
-    """Three small gzip layers: a base, an app on top, and a layer that deletes a base file."""
-    base = [
+    """The standard library, an app layer, and a layer that deletes a file of the first."""
+    app = [
         directory("etc"),
         file("etc/os-release", 'NAME="lazysnap demo"\nID=demo\n'),
         file("etc/motd", "this file is removed by the third layer\n"),
-        directory("usr/bin"),
-        symlink("bin", "usr/bin"),
-    ]
-    app = [
         directory("app"),
         file("app/main.py", "print('hello from a lazily mounted layer')\n", mode=0o755),
-        file("app/data.bin", bytes(range(256)) * 4096),
+        symlink("app/stdlib", f"/{STDLIB_IN_IMAGE}"),
     ]
     cleanup = [whiteout("etc/motd"), file("etc/hostname", "demo\n")]
-    return [make_layer(entries, "gzip") for entries in (base, app, cleanup)]
+    return [stdlib_layer(), make_layer(app, "gzip"), make_layer(cleanup, "gzip")]
 
 
-async def _push_and_resolve(registry: LocalRegistry) -> ResolvedImage:
+async def _publish(registry: LocalRegistry, publisher_root: str) -> ResolvedImage:
     ref = Reference(registry.host, DEMO_REPOSITORY, "latest", None)
     # No config.json: the demo registry is anonymous, and the user's credentials are none of its business.
     async with RegistryClient(docker_config_path="/nonexistent/lazysnap-demo.json") as client:
         await push_image(client, ref, sample_layers())
-        return await client.resolve(ref)
+        image = await client.resolve(ref)
+    await push_image_indexes(str(ref), publisher_root, docker_config_path="/nonexistent/lazysnap-demo.json")
+    return image
 
 
-def _print(console: Console, image: ResolvedImage) -> None:
-    # Plain lines rather than a table: full digests must stay copyable in a narrow terminal.
-    console.print(f"image    {image.reference}", highlight=False, soft_wrap=True)
-    console.print(
-        f"manifest {image.manifest_digest} ({image.manifest_media_type})", highlight=False, soft_wrap=True
+def _lazysnap(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "snapshotter.cli", *args], capture_output=True, text=True, check=False
     )
-    console.print(f"config   {image.config.digest}", highlight=False, soft_wrap=True)
-    for i, (layer, chain) in enumerate(zip(image.layers, chain_ids(image.diff_ids), strict=True)):
-        console.print(f"layer {i}  digest   {layer.digest}", highlight=False, soft_wrap=True)
+
+
+def _show_image(console: Console, image: ResolvedImage) -> None:
+    console.print(f"image    {image.reference}", highlight=False, soft_wrap=True)
+    for number, (layer, chain) in enumerate(zip(image.layers, chain_ids(image.diff_ids), strict=True)):
         console.print(
-            f"         type     {layer.media_type}, {layer.size:,} bytes", highlight=False, soft_wrap=True
+            f"layer {number}  {layer.digest}  {layer.size:>10,} bytes  chain ID {chain[:19]}...",
+            highlight=False,
+            soft_wrap=True,
         )
-        console.print(f"         diff ID  {image.diff_ids[i]}", highlight=False, soft_wrap=True)
-        console.print(f"         chain ID {chain}", highlight=False, soft_wrap=True)
+
+
+def _explore(console: Console, mountpoint: Path) -> None:
+    """List the mounted image and read a few files, checking one against the original."""
+    console.print(f"$ ls {mountpoint}", highlight=False)
+    console.print("  " + "  ".join(sorted(os.listdir(mountpoint))), highlight=False)
+    console.print(f"$ cat {mountpoint}/etc/os-release", highlight=False)
+    console.print(
+        "  " + (mountpoint / "etc/os-release").read_text().strip().replace("\n", "\n  "), highlight=False
+    )
+    motd_gone = not (mountpoint / "etc/motd").exists()
+    console.print(f"etc/motd deleted by the upper layer's whiteout: {motd_gone}", highlight=False)
+    original = Path(sysconfig.get_paths()["stdlib"]) / SAMPLE_FILE
+    mounted = mountpoint / STDLIB_IN_IMAGE / SAMPLE_FILE
+    same = hashlib.sha256(mounted.read_bytes()).digest() == hashlib.sha256(original.read_bytes()).digest()
+    console.print(
+        f"{STDLIB_IN_IMAGE}/{SAMPLE_FILE} read lazily, identical to the original: {same}", highlight=False
+    )
+    if not (motd_gone and same):
+        raise RuntimeError("the mounted image does not show what was pushed")
 
 
 def run_demo() -> int:
-    """Run the demo and return the exit code; raises FetchError if docker-registry is missing or won't start."""
+    """Run the demo and return the exit code (0 when every step worked)."""
     console = Console()
-    with LocalRegistry() as registry:
-        console.print(
-            f"registry: docker-registry on {registry.url} (storage in {registry.root})", soft_wrap=True
+    with tempfile.TemporaryDirectory(prefix="lazysnap-demo-") as scratch, LocalRegistry() as registry:
+        console.print(f"registry: docker-registry on {registry.url}", soft_wrap=True)
+        image = trio.run(_publish, registry, os.path.join(scratch, "publisher"))
+        _show_image(console, image)
+        console.print("published the layer indexes next to the image (lazysnap index push)")
+        root, mountpoint = os.path.join(scratch, "root"), Path(scratch, "mnt")
+        mountpoint.mkdir()
+        mount = _lazysnap(
+            "mount", "--root", root, "--no-background-fetch", str(image.reference), str(mountpoint)
         )
-        image = trio.run(_push_and_resolve, registry)
-        _print(console, image)
-    console.print("registry stopped")
+        console.print(mount.stderr.strip() or mount.stdout.strip(), highlight=False, soft_wrap=True)
+        if mount.returncode != 0:
+            return mount.returncode
+        try:
+            _explore(console, mountpoint)
+            stats = json.loads(_lazysnap("stats", "--json", "--root", root, str(mountpoint)).stdout)
+        finally:
+            _lazysnap("umount", "--root", root, str(mountpoint))
+        for number, layer in enumerate(stats["layers"]):
+            console.print(f"layer {number}: {layer['how']} ({layer['reason']})", highlight=False)
+        fetched, size = stats["bytes_fetched"], stats["image_size"]
+        console.print(
+            f"fetched {fetched:,} bytes of a {size:,}-byte image ({100 * fetched / size:.1f}%) "
+            "to mount it, list it and read those files",
+            highlight=False,
+        )
+    console.print("unmounted, registry stopped")
     return 0

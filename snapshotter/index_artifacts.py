@@ -81,6 +81,8 @@ class PublishedIndexes:
         self._client = client
         self._image = image
         self._blobs: dict[str, Descriptor] | None = None
+        #: Registry bytes read per layer digest for its index (the listing manifest is not counted).
+        self.bytes_fetched: dict[str, int] = {}
         self._lock = trio.Lock()  # layers are opened concurrently: fetch the listing once
 
     async def _listing(self) -> dict[str, Descriptor]:
@@ -122,6 +124,7 @@ class PublishedIndexes:
         if descriptor is None:
             return None
         data = await self._client.fetch_blob(self._image.reference, descriptor.digest)
+        self.bytes_fetched[layer.digest] = len(data)
         try:
             index = load_index(data)
         except LayerFormatError as error:

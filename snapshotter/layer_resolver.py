@@ -178,7 +178,10 @@ class LayerResolver:
         published = await self._published.get(descriptor, diff_id) if self._published is not None else None
         if published is not None:
             self._store.put(published)
-            return self._layer(descriptor, published, HOW_STORED, "an index published in the registry")
+            layer = self._layer(descriptor, published, HOW_STORED, "an index published in the registry")
+            assert self._published is not None
+            layer.downloaded_bytes = self._published.bytes_fetched.get(descriptor.digest, 0)
+            return layer
         fmt = layer_format(descriptor.media_type)
         if fmt is LayerFormat.GZIP:
             estargz = await self._try_estargz(descriptor)
