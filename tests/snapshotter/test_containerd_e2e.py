@@ -204,11 +204,29 @@ def private_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
         yield running
 
 
-def _wait_for_prepared(stack: LazysnapStack, count: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(prepared_lines(stack.log(), "true")) < count:
-        assert time.monotonic() < deadline, f"no remote-snapshot-prepared=true #{count}:\n{stack.log()}"
-        time.sleep(0.01)
+def _kill_during_pull(stack: LazysnapStack, image: TestImage, marker: str) -> None:
+    """Start an rpull of ``image`` and kill -9 the daemon once its log shows the first ``marker`` line."""
+    seen = stack.log().count(marker)
+    argv = [CTR_REMOTE, "--address", str(stack.containerd.address), "--namespace", DEFAULT_NAMESPACE]
+    argv += ["image", "rpull", "--plain-http", "--snapshotter", "lazysnap", image.ref]
+    pulling = stack.containerd.popen_in_namespace(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while stack.log().count(marker) <= seen:
+            assert time.monotonic() < deadline, f"no new {marker} line:\n{stack.log()}"
+            time.sleep(0.005)
+        stack.kill_daemon()
+    finally:
+        pulling.wait(timeout=60)
+
+
+def _restart_keeps(stack: LazysnapStack) -> None:
+    """Restart the daemon (after a kill -9) and check every snapshot listed before is listed again."""
+    before = set(stack.snapshot_keys()) if stack.daemon is not None else None
+    stack.kill_daemon()
+    stack.start_daemon()
+    if before is not None:
+        assert before <= set(stack.snapshot_keys())
 
 
 def test_restart_keeps_snapshots_and_cached_data(private_registry: LocalRegistry, tmp_path: Path) -> None:
@@ -216,54 +234,34 @@ def test_restart_keeps_snapshots_and_cached_data(private_registry: LocalRegistry
     lazy = push_estargz(private_registry, "restart-lazy")
     indexed = push_gzip(private_registry, "restart-indexed", index=True, tmp=tmp_path / "indexer")
     plain = push_gzip(private_registry, "restart-plain", index=False, tmp=tmp_path / "indexer")
+    images = {"lazy": lazy, "indexed": indexed, "plain": plain}
     with LazysnapStack(plain_http=[private_registry.host], config_extra=NO_BACKGROUND) as stack:
         stack.rpull(lazy.ref)
-        assert (
-            stack.run(lazy.ref, "warm", "cat", "/etc/lower.txt", "/data/small.txt").stdout
-            == LOWER_TEXT + SMALL_TEXT
-        )
-        stack.rpull(plain.ref)  # falls back: local snapshots extracted by containerd
+        assert stack.run(lazy.ref, "warm", "cat", "/etc/lower.txt").stdout == LOWER_TEXT
+        _restart_keeps(stack)  # kill -9 after a pull
 
-        # kill -9 after the pulls, then again in the middle of one.
-        stack.kill_daemon()
-        stack.start_daemon()
+        # kill -9 in the middle of a lazy pull and of a fallback (containerd extracting) pull.
         committed = set(stack.snapshot_keys())
-        assert {key for key in committed if key.startswith("sha256:")}, committed
-        seen = len(prepared_lines(stack.log(), "true"))
-        pulling = stack.containerd.popen_in_namespace(
-            [
-                CTR_REMOTE,
-                "--address",
-                str(stack.containerd.address),
-                "--namespace",
-                DEFAULT_NAMESPACE,
-                "image",
-                "rpull",
-                "--plain-http",
-                "--snapshotter",
-                "lazysnap",
-                indexed.ref,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_for_prepared(stack, seen + 1)
-            stack.kill_daemon()
-        finally:
-            pulling.wait(timeout=60)
-        stack.start_daemon()
+        _kill_during_pull(stack, indexed, "remote-snapshot-prepared=true")
+        _restart_keeps(stack)
         assert committed <= set(stack.snapshot_keys())
-        stack.rpull(indexed.ref)  # completes the interrupted pull
-        for image, name in ((lazy, "after-lazy"), (indexed, "after-indexed"), (plain, "after-plain")):
-            assert stack.run(image.ref, name, "cat", "/etc/top.txt").stdout == TOP_TEXT
+        committed = set(stack.snapshot_keys())
+        _kill_during_pull(stack, plain, "remote-snapshot-prepared=false")
+        _restart_keeps(stack)
+        assert committed <= set(stack.snapshot_keys())
 
-        # Registry gone: what was read before is served from the cache by a fresh daemon.
-        stack.kill_daemon()
+        for name, image in images.items():
+            stack.rpull(image.ref)  # completes an interrupted pull
+            assert stack.run(image.ref, f"after-{name}", "cat", "/etc/top.txt").stdout == TOP_TEXT
+        committed = set(stack.snapshot_keys())
+
+        # Registry gone: a fresh daemon serves what was read before from its cache.
         private_registry.stop()
-        stack.start_daemon()
-        result = stack.run(lazy.ref, "offline", "cat", "/etc/lower.txt", "/data/small.txt")
-        assert result.stdout == LOWER_TEXT + SMALL_TEXT
+        _restart_keeps(stack)
+        assert committed <= set(stack.snapshot_keys())
+        for name, image in images.items():
+            assert stack.run(image.ref, f"offline-{name}", "cat", "/etc/top.txt").stdout == TOP_TEXT
+        assert stack.run(lazy.ref, "offline-lower", "cat", "/etc/lower.txt").stdout == LOWER_TEXT
         assert "remote-snapshot-restored=false" not in stack.log()
 
 
