@@ -83,7 +83,9 @@ class RunResult:
     image_size: int
     mount_s: float = 0.0  # mount (or pull) alone
     workload_s: float = 0.0  # the workload alone
-    requests: int = 0  # TCP connections opened through the relay
+    connections: int = 0  # TCP connections opened through the relay
+    daemon_ready_s: float = 0.0  # the mount daemon's own time to ready (no CLI start-up)
+    fetch_requests: int = 0  # Range requests of the lazy layers before ready (``lazysnap stats``)
     layers: list[dict[str, Any]] = field(default_factory=list)  # how each layer was served
     error: str = ""
 
@@ -253,13 +255,17 @@ class Runner:
             ready = time.monotonic()
             before = counter.downstream - mark
             stats = self._stats(mountpoint) if mode != "eager" else {}
+            at_ready = stats
             if mode in ("lazy", "lazy+stored-index"):
                 stats = self._wait_background(mountpoint, stats)
             else:
                 self._wait_idle(IDLE_SECONDS / 3)
             total = counter.downstream - mark
             layers = [
-                {k: layer.get(k) for k in ("digest", "how", "reason", "size", "bytes_fetched")}
+                {
+                    k: layer.get(k)
+                    for k in ("digest", "how", "reason", "size", "bytes_fetched", "fetch_requests")
+                }
                 for layer in stats.get("layers", [])
             ]
             return RunResult(
@@ -273,7 +279,11 @@ class Runner:
                 image_size=int(stats.get("image_size", 0)),
                 mount_s=mounted - started,
                 workload_s=ready - mounted,
-                requests=counter.connections - connections,
+                connections=counter.connections - connections,
+                daemon_ready_s=float(stats.get("ready_seconds", 0.0)),
+                fetch_requests=sum(
+                    int(layer.get("fetch_requests", 0)) for layer in at_ready.get("layers", [])
+                ),
                 layers=layers,
             )
         finally:
@@ -349,7 +359,7 @@ class Runner:
                 image_size=0,
                 mount_s=pulled - started,
                 workload_s=ready - pulled,
-                requests=counter.connections - connections,
+                connections=counter.connections - connections,
             )
 
 
