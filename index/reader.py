@@ -210,7 +210,9 @@ class LayerReader:
         if self.index.format is LayerFormat.TAR:
             return await self._fetch(start, n)
         pieces = []
-        for span in _spans_for(self.index, start, start + n):
+        spans = _spans_for(self.index, start, start + n)
+        await self._decode_runs([s for s in spans if s.uend - s.ustart <= self._budget // 2])
+        for span in spans:
             lo, hi = max(start, span.ustart), min(start + n, span.uend)
             if span.uend - span.ustart > self._budget // 2:
                 pieces.append(await self._stream_span(span, lo, hi))
@@ -223,6 +225,34 @@ class LayerReader:
                 f"layer {self.index.digest}: seek points do not cover {entry.path!r} bytes {offset}..{offset + n}"
             )
         return result
+
+    async def _decode_runs(self, spans: list[_Span]) -> None:
+        """Decode adjacent uncached spans from one fetch each, so a read makes one call per contiguous range."""
+        runs: list[list[_Span]] = []
+        for span in spans:
+            if span.index in self._cache or span.index in self._inflight:
+                continue
+            if runs and span.index == runs[-1][-1].index + 1:
+                runs[-1].append(span)
+            else:
+                runs.append([span])
+        for run in runs:
+            if len(run) > 1:  # a single span goes through _shared as usual
+                await self._decode_run(run)
+
+    async def _decode_run(self, run: list[_Span]) -> None:
+        events: dict[Hashable, trio.Event] = {s.index: trio.Event() for s in run}
+        self._inflight.update(events)
+        try:
+            base = run[0].cstart
+            data = await self._fetch(base, run[-1].cend - base)
+            for s in run:
+                piece = data[s.cstart - base : s.cend - base]
+                self._remember(s.index, await self._cpu(len(piece), _decode, self.index, s, piece, s.uend))
+        finally:
+            for key, event in events.items():
+                del self._inflight[key]
+                event.set()
 
     async def _fetch(self, offset: int, length: int) -> bytes:
         data = await self._read_range(offset, length)

@@ -143,3 +143,14 @@ async def test_estargz_chunks_are_read_and_verified() -> None:
     index, blob, _ = _chunked_layer(corrupt=True)
     with pytest.raises(DigestMismatch, match="'f'"):
         await LayerReader(index, blob_source(blob)).read(index.entries[0], 6000, 10)
+
+
+async def test_read_across_spans_fetches_one_contiguous_range() -> None:
+    """A cold read spanning several seek points makes one read_range call per contiguous planned range."""
+    index, blob = built("gzip", spacing=64 << 10)
+    big = files_of(index)["big"]
+    log: list[tuple[int, int]] = []
+    reader = LayerReader(index, blob_source(blob, log))
+    assert await reader.read(big, 100_000, 500_000) == BIG[100_000:600_000]
+    plan = plan_read(index, big, 100_000, 500_000)
+    assert len(plan) == 1 and log == [(plan[0].offset, plan[0].length)]
