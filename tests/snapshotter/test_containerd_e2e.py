@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from index.estargz import TOC_DIGEST_ANNOTATION
+from snapshotter.chain_ids import chain_ids
 from snapshotter.containerd_env import CTR_REMOTE, DEFAULT_NAMESPACE, containerd_available
 from snapshotter.image_builder import Layer, TarEntry, directory, file, make_layer, push_image, symlink
 from snapshotter.local_registry import LocalRegistry
@@ -63,6 +64,7 @@ class TestImage:
     ref: str
     layer_digests: list[str]
     layer_bytes: int
+    chain_ids: list[str]
 
 
 def _entries(name: str) -> list[list[TarEntry]]:
@@ -94,6 +96,7 @@ def _push(ref: Reference, layers: Sequence[Layer]) -> TestImage:
             f"{ref.registry}/{ref.repository}:{ref.tag}",
             [layer.digest for layer in pushed.layers],
             sum(layer.size for layer in pushed.layers),
+            chain_ids(pushed.diff_ids),
         )
 
     return trio.run(run)
@@ -346,3 +349,16 @@ def test_background_fetch_completes_layers_for_offline_use(private_registry: Loc
         private_registry.stop()
         result = stack.run(image.ref, "offline", "sh", "-c", "wc -c < /data/big.bin")
         assert result.stdout.strip() == str(BIG_SIZE)
+
+
+def test_removed_image_releases_and_pulls_again(stack: LazysnapStack, registry: TestRegistry) -> None:
+    """Removing an image removes its remote snapshots; pulling it again serves them lazily again."""
+    image = push_estargz(registry, "removed")
+    stack.rpull(image.ref)
+    assert set(image.chain_ids) <= set(stack.snapshot_keys())
+    stack.ctr("image", "rm", "--sync", image.ref)
+    assert not set(image.chain_ids) & set(stack.snapshot_keys())
+    before = len(prepared_lines(stack.log(), "true"))
+    stack.rpull(image.ref)
+    assert len(prepared_lines(stack.log(), "true")) - before == len(image.layer_digests), stack.log()
+    assert stack.run(image.ref, "removed-run", "cat", "/etc/top.txt").stdout == TOP_TEXT
