@@ -186,9 +186,12 @@ class FuseRemoteLayers(RemoteLayers):
         digests = [layer.digest for layer in image.layers]
         if layer_digest not in digests:
             return f"layer {layer_digest} is not in image {image.reference}"
-        position = digests.index(layer_digest)
-        if chain_ids(image.diff_ids)[position] != chain_id:
-            return f"chain id {chain_id} does not match layer {position} of image {image.reference}"
+        # The same blob may sit at several positions (identical layers); the chain id tells which.
+        chains = chain_ids(image.diff_ids)
+        matching = [i for i, digest in enumerate(digests) if digest == layer_digest and chains[i] == chain_id]
+        if not matching:
+            return f"chain id {chain_id} does not match layer {layer_digest} of image {image.reference}"
+        position = matching[0]
         if len(self._chains.get(parent, [])) != position:
             return f"parent {parent or '(none)'} is not the chain below layer {position}"
         descriptor = image.layers[position]

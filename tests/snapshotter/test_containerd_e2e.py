@@ -362,3 +362,17 @@ def test_removed_image_releases_and_pulls_again(stack: LazysnapStack, registry: 
     stack.rpull(image.ref)
     assert len(prepared_lines(stack.log(), "true")) - before == len(image.layer_digests), stack.log()
     assert stack.run(image.ref, "removed-run", "cat", "/etc/top.txt").stdout == TOP_TEXT
+
+
+def test_repeated_layer_is_served_lazily_at_each_position(
+    stack: LazysnapStack, registry: TestRegistry
+) -> None:
+    """A blob used twice in one image is matched to the right position by its chain id, both times lazily."""
+    base, _, top = _entries("repeated")
+    marker = [directory("etc"), file("etc/marker", "same blob twice\n")]
+    layers = [_estargz_layer(base), _estargz_layer(marker), _estargz_layer(top), _estargz_layer(marker)]
+    image = _push(registry.ref("repeated"), layers)
+    before = len(prepared_lines(stack.log(), "true"))
+    stack.rpull(image.ref)
+    assert len(prepared_lines(stack.log(), "true")) - before == 4, stack.log()
+    assert stack.run(image.ref, "repeated-run", "cat", "/etc/marker").stdout == "same blob twice\n"
