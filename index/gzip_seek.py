@@ -320,6 +320,7 @@ _POSITIONS = np.arange(WINDOW_SIZE, dtype=np.uint32)
 _PROBE_LOW = (_POSITIONS & 0xFF).astype(np.uint8)
 _PROBE_HIGH = ((_POSITIONS >> 8) | 0x80).astype(np.uint8)
 _PROBE_FLIP = _PROBE_LOW ^ 0x55
+_FULL_PROBES = tuple(p.tobytes() for p in (_PROBE_LOW, _PROBE_HIGH, _PROBE_FLIP))
 
 
 def _decode_after(point: SeekPoint, window: bytes, following: bytes) -> bytes:
@@ -353,10 +354,8 @@ def minimize_window(point: SeekPoint, following: bytes) -> bytes:
     n = len(window)
     if not n:
         return window
-    low, high, flip = (
-        _decode_after(point, probe[-n:].tobytes(), following)
-        for probe in (_PROBE_LOW, _PROBE_HIGH, _PROBE_FLIP)
-    )
+    probes = _FULL_PROBES if n == WINDOW_SIZE else tuple(p[-n:] for p in _FULL_PROBES)
+    low, high, flip = (_decode_after(point, probe, following) for probe in probes)
     size = len(low)
     if len(high) != size or len(flip) != size:
         return window
@@ -364,7 +363,7 @@ def minimize_window(point: SeekPoint, following: bytes) -> bytes:
     b = np.frombuffer(high, np.uint8, size)
     copied = a != np.frombuffer(flip, np.uint8, size)  # literals are the same in every probe
     # Probe positions are counted from the start of the full 32 KiB probe; shift to this window.
-    used = (a[copied].astype(np.int64) | ((b[copied].astype(np.int64) & 0x7F) << 8)) - (WINDOW_SIZE - n)
+    used = (a[copied] | ((b[copied].astype(np.int32) & 0x7F) << 8)) - (WINDOW_SIZE - n)
     minimized = np.zeros(n, np.uint8)
     source = np.frombuffer(window, np.uint8)
     minimized[used] = source[used]

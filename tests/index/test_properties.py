@@ -13,12 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from index.builder import build_index
+from index.errors import IntegrityError, LayerFormatError
 from index.model import EntryType
 from index.reader import LayerReader
 from index.tar_entries import normalize_path
 from tests.index.conftest import COMPRESSORS, blob_source, make_tar
 
-_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 _COMPONENT = st.text(
     st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\"), min_size=1, max_size=40
 ).filter(lambda c: c not in (".", ".."))
@@ -175,3 +176,33 @@ def _check_metadata(member: tarfile.TarInfo, entry: object) -> None:
     for key, value in member.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
             assert entry.xattrs[key.removeprefix("SCHILY.xattr.")] == value.encode("utf-8", "surrogateescape")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    tar=layers(),
+    compression=st.sampled_from(sorted(COMPRESSORS)),
+    damage=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), min_size=1, max_size=4),
+    cut=st.none() | st.floats(0, 1),
+)
+def test_damaged_blobs_fail_cleanly(
+    tar: bytes, compression: str, damage: list[tuple[float, int]], cut: float | None
+) -> None:
+    """Flipped bytes or truncation anywhere end in LayerFormatError/IntegrityError, never another exception."""
+    fmt, compress = COMPRESSORS[compression]
+    original = compress(tar)  # once: gzip headers carry the current time
+    blob = bytearray(original)
+    for where, xor in damage:
+        blob[min(int(where * len(blob)), len(blob) - 1)] ^= xor
+    if cut is not None:
+        blob = blob[: int(cut * len(blob))]
+    try:
+        build_index("test", fmt, [bytes(blob)])
+    except (LayerFormatError, IntegrityError):
+        pass
+    try:
+        build_index("test", fmt, [bytes(blob)], digest="sha256:" + hashlib.sha256(original).hexdigest())
+    except (LayerFormatError, IntegrityError) as exc:
+        assert "sha256:" in str(exc)  # names the layer
+    else:
+        assert bytes(blob) == original  # a damaged blob never passes the digest check
