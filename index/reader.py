@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
@@ -237,7 +238,10 @@ class LayerReader:
             else:
                 runs.append([span])
         for run in runs:
-            if len(run) > 1:  # a single span goes through _shared as usual
+            # Another task may have started on some of these spans while this one awaited.
+            run = [s for s in run if s.index not in self._cache and s.index not in self._inflight]
+            contiguous = all(b.index == a.index + 1 for a, b in itertools.pairwise(run))
+            if len(run) > 1 and contiguous:  # a single span goes through _shared as usual
                 await self._decode_run(run)
 
     async def _decode_run(self, run: list[_Span]) -> None:
@@ -357,7 +361,7 @@ class LayerReader:
             event.set()
 
     def _remember(self, key: Hashable, data: bytes) -> None:
-        if len(data) > self._budget:
+        if len(data) > self._budget or key in self._cache:
             return
         self._cache[key] = data
         self._cached_bytes += len(data)

@@ -154,3 +154,25 @@ async def test_read_across_spans_fetches_one_contiguous_range() -> None:
     assert await reader.read(big, 100_000, 500_000) == BIG[100_000:600_000]
     plan = plan_read(index, big, 100_000, 500_000)
     assert len(plan) == 1 and log == [(plan[0].offset, plan[0].length)]
+
+
+async def test_many_concurrent_overlapping_reads_agree() -> None:
+    """Concurrent reads over overlapping multi-span ranges with a tiny cache all return the right bytes."""
+    index, blob = built("gzip", spacing=32 << 10)
+    big = files_of(index)["big"]
+
+    async def jittery(offset: int, length: int) -> bytes:
+        await trio.sleep((offset % 7) / 1000)
+        return blob[offset : offset + length]
+
+    reader = LayerReader(index, jittery, decoded_cache_bytes=1 << 20)
+    wrong: list[int] = []
+
+    async def one(offset: int) -> None:
+        if await reader.read(big, offset, 300_000) != BIG[offset : offset + 300_000]:
+            wrong.append(offset)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(one, (i * 97_531) % len(BIG))
+    assert wrong == []
