@@ -185,14 +185,23 @@ def index_group() -> None:
     type=click.Path(dir_okay=False),
     help="Credentials file (default ~/.docker/config.json).",
 )
-def index_push(reference: str, root: str, plain_http: bool, docker_config: str | None) -> None:
+@click.option(
+    "--spacing",
+    default=1 << 20,
+    show_default=True,
+    type=click.IntRange(min=64 << 10),
+    help="Uncompressed bytes between gzip seek points: smaller means less fetched per cold read, a bigger index.",
+)
+def index_push(reference: str, root: str, plain_http: bool, docker_config: str | None, spacing: int) -> None:
     """Index every layer of REFERENCE and push the indexes to its registry, so mounts are lazy everywhere."""
     import trio
 
     from snapshotter.index_command import push_image_indexes
 
     pushed = trio.run(
-        lambda: push_image_indexes(reference, root, plain_http=plain_http, docker_config_path=docker_config)
+        lambda: push_image_indexes(
+            reference, root, plain_http=plain_http, docker_config_path=docker_config, gzip_spacing=spacing
+        )
     )
     for digest in pushed.published:
         click.echo(f"indexed {digest}")

@@ -84,15 +84,6 @@ class BackgroundFetchConfig:
 
 
 @dataclass(frozen=True)
-class IndexConfig:
-    """Seekable indexes of gzip layers."""
-
-    # Default 1 MiB: distance between gzip access points. Each point stores a 32 KiB window, so
-    # the index is ~3% of the uncompressed size; a random read decompresses ~0.5 MiB on average.
-    gzip_spacing_bytes: int = 1 << 20
-
-
-@dataclass(frozen=True)
 class FuseConfig:
     """The FUSE filesystem that shows remote layers."""
 
@@ -124,7 +115,6 @@ class Config:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
-    index: IndexConfig = field(default_factory=IndexConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
 
 

@@ -24,7 +24,12 @@ class PushedIndexes:
 
 
 async def push_image_indexes(
-    reference: str, root: str, *, plain_http: bool = False, docker_config_path: str | None = None
+    reference: str,
+    root: str,
+    *,
+    plain_http: bool = False,
+    docker_config_path: str | None = None,
+    gzip_spacing: int = 1 << 20,
 ) -> PushedIndexes:
     """Index every layer of ``reference`` (streaming each blob once unless indexed before) and publish them.
 
@@ -36,7 +41,9 @@ async def push_image_indexes(
     try:
         async with RegistryClient(plain_http=plain_http, docker_config_path=docker_config_path) as client:
             image = await client.resolve(reference)
-            resolver = LayerResolver(client, image.reference, cache, IndexStore(Path(root) / "indexes"))
+            resolver = LayerResolver(
+                client, image.reference, cache, IndexStore(Path(root) / "indexes"), gzip_spacing=gzip_spacing
+            )
             indexes = []
             skipped: dict[str, str] = {}
             for number, descriptor in enumerate(image.layers):

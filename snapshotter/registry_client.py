@@ -174,6 +174,7 @@ class RegistryClient:
         docker_config_path: str | None = None,
         credentials: Mapping[str, tuple[str, str]] | None = None,
         timeout: float = 30.0,
+        connect_timeout: float | None = None,
         max_retries: int = 5,
         max_connections: int = 16,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -188,7 +189,8 @@ class RegistryClient:
         self._http = httpx.AsyncClient(
             transport=transport,
             limits=limits,
-            timeout=httpx.Timeout(timeout),
+            # A registry that does not accept a connection is down: fail fast rather than wait `timeout`.
+            timeout=httpx.Timeout(timeout, connect=connect_timeout or timeout),
             # httpx drops Authorization when a redirect leaves the origin (e.g. a 307 to a CDN).
             follow_redirects=True,
             max_redirects=10,

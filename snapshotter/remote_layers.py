@@ -32,6 +32,7 @@ from snapshotter.index_store import IndexStore
 from snapshotter.layer_resolver import ChainSource, Layer, LayerResolver, verify_layer
 from snapshotter.reference import parse_reference
 from snapshotter.registry_client import Descriptor, RegistryClient, ResolvedImage
+from snapshotter.registry_http import RetryPolicy
 from snapshotter.snapshot_service import RemoteLayers
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,13 @@ class FuseRemoteLayers(RemoteLayers):
         layer = self._layers.get(record.digest)
         if layer is None:
             ref = parse_reference(record.reference)
-            resolver = LayerResolver(self._client, ref, self._cache, self._store, published=published)
+            resolver = LayerResolver(
+                self._client,
+                ref,
+                self._cache,
+                self._store,
+                published=published,
+            )
             layer = await resolver.open_layer(
                 record.descriptor(), record.diff_id, allow_download=allow_download
             )
@@ -283,8 +290,11 @@ async def fuse_remote_layers(config: Config) -> AsyncIterator[RemoteLayers | Non
             plain_http_hosts=config.registry.plain_http,
             docker_config_path=config.registry.credentials_file or None,
             timeout=config.fetch.timeout_seconds,
-            max_retries=config.fetch.retries,
+            connect_timeout=config.fetch.connect_timeout_seconds,
             max_connections=config.fetch.max_connections_per_host,
+            retry_policy=RetryPolicy(
+                max_retries=config.fetch.retries, base_delay=config.fetch.backoff_seconds
+            ),
         ) as client:
             operations = ReadOnlyOperations(timeout=config.fuse.entry_timeout_seconds)
             async with trio.open_nursery() as nursery:
