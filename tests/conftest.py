@@ -19,6 +19,9 @@ import pytest
 from snapshotter.registry_client import RegistryClient
 from tests.support.registry import TestRegistry, basic_auth_registry, bearer_registry, plain_registry
 
+# The containerd fixtures (``containerd``, ``containerd_factory``) for every package.
+pytest_plugins = ["tests.support.containerd"]
+
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestRegistry]:

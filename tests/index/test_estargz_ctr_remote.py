@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from tests.support.registry import TestRegistry
 
 # Imported as a plugin (not directly) so pytest can rewrite its asserts.
-pytest_plugins = ["tests.support.containerd"]
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
 MTIME = DEFAULT_MTIME
