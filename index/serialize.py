@@ -8,12 +8,12 @@ Layout (little-endian)::
     u64    body length
     32s    sha256 of the body
     body:  u32 length + zlib(JSON metadata, entries stored column by column)
-           the gzip checkpoint windows, each zlib-compressed, lengths in the metadata
+           the gzip checkpoint windows, each zstd-compressed, lengths in the metadata
 
 No pickle: indexes may come from a registry, so loading must never run code. Entries are
 stored as columns (one JSON list per field) because decoding a few long lists is much faster
 than decoding thousands of small objects; windows are compressed (32 KiB raw each) because
-they dominate the size.
+they dominate the size; zstd because it decompresses them three times faster than zlib.
 """
 
 from __future__ import annotations
@@ -27,13 +27,17 @@ import tempfile
 import zlib
 from typing import Any
 
+import zstandard
+
 from index.errors import IndexVersionError, LayerFormatError
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex, SeekPoint
 
 MAGIC = b"LZSNAPIX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: windows compressed with zstd instead of zlib
 _HEADER = struct.Struct("<8sHHQ32s")
 _U32 = struct.Struct("<I")
+_MAX_WINDOW = 32768
+_MAX_META = 1 << 30  # uncompressed metadata; a million entries need about 200 MB
 _TYPES = {t.value: t for t in EntryType}
 _COLUMNS = (
     *("path", "mode", "uid", "gid", "uname", "gname", "size", "mtime_ns", "link_target"),
@@ -77,7 +81,8 @@ def _meta(index: LayerIndex, window_sizes: list[int]) -> dict[str, Any]:
 
 def dump_index(index: LayerIndex) -> bytes:
     """Serialize ``index`` to bytes (see the module docstring for the layout); raises nothing."""
-    windows = [zlib.compress(p.window, 9) if p.window else b"" for p in index.seek_points]
+    compressor = zstandard.ZstdCompressor(level=9)
+    windows = [compressor.compress(p.window) if p.window else b"" for p in index.seek_points]
     meta = zlib.compress(
         json.dumps(_meta(index, [len(w) for w in windows]), separators=(",", ":")).encode(), 6
     )
@@ -102,7 +107,15 @@ def load_index(data: bytes) -> LayerIndex:
         )
     try:
         return _parse_body(body)
-    except (ValueError, KeyError, TypeError, IndexError, zlib.error, struct.error) as exc:
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        zlib.error,
+        struct.error,
+        zstandard.ZstdError,
+    ) as exc:
         # A checksummed body that still does not parse was written by a buggy or hostile producer.
         raise LayerFormatError(f"stored layer index is malformed ({exc!r}); rebuild the index") from None
 
@@ -110,10 +123,15 @@ def load_index(data: bytes) -> LayerIndex:
 def _parse_body(body: memoryview) -> LayerIndex:
     (meta_len,) = _U32.unpack_from(body)
     pos = _U32.size + meta_len
-    meta = json.loads(zlib.decompress(body[_U32.size : pos]))
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(body[_U32.size : pos], _MAX_META)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError("metadata is larger than any real index or truncated")
+    meta = json.loads(raw)
     points = []
+    decompress = zstandard.ZstdDecompressor().decompress
     for coff, uoff, bits, wlen in meta["points"]:
-        window = zlib.decompress(body[pos : pos + wlen]) if wlen else b""
+        window = _window(decompress, body[pos : pos + wlen]) if wlen else b""
         pos += wlen
         points.append(SeekPoint(coff, uoff, bits, window))
     if pos != len(body):
@@ -131,6 +149,14 @@ def _parse_body(body: memoryview) -> LayerIndex:
         span_digests=["sha256:" + d for d in meta["span_digests"]],
         toc_digest=meta["toc_digest"],
     )
+
+
+def _window(decompress: Any, data: memoryview) -> bytes:
+    # Checked before decompressing: a hostile index must not make us allocate gigabytes.
+    if not 0 < zstandard.frame_content_size(data) <= _MAX_WINDOW:
+        raise ValueError("a checkpoint window is not 1..32768 bytes")
+    window: bytes = decompress(data)
+    return window
 
 
 def _entries(cols: dict[str, Any]) -> list[Entry]:

@@ -119,3 +119,11 @@ def _timed(fn: object, arg: bytes) -> float:
     start = time.perf_counter()
     fn(arg)  # type: ignore[operator]
     return time.perf_counter() - start
+
+
+def test_oversized_window_is_rejected() -> None:
+    """A (checksummed but hostile) index whose window would inflate past 32 KiB is a LayerFormatError."""
+    index = sample_index(1)
+    index.seek_points = [SeekPoint(0, 0, 0, b"\x00" * 40_000)]
+    with pytest.raises(LayerFormatError, match="malformed"):
+        load_index(dump_index(index))
