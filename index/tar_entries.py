@@ -46,7 +46,6 @@ _EXTENSION_TYPES = (
 )
 _XATTR_PREFIX = "SCHILY.xattr."
 _ZERO_BLOCK = bytes(BLOCK)
-_NO_RECORDS: dict[str, bytes] = {}
 # Keys whose presence marks a PAX sparse file (formats 0.0, 0.1 and 1.0).
 _SPARSE_KEYS = (
     "GNU.sparse.size",
@@ -321,56 +320,62 @@ class TarEntryParser:
             self._pending.update(parse_pax(data))
 
     def _add_entry(self, info: Header, offset: int) -> None:
-        records = {**self._global, **self._pending} if self._global or self._pending else _NO_RECORDS
-        self._pending = {}
-        raw_name = _text(records["path"]) if "path" in records else info.name
-        data_offset = offset + BLOCK
-        if info.type == tarfile.GNUTYPE_SPARSE or (
-            records and any(k.startswith("GNU.sparse.") for k in records)
-        ):
-            raise self._fail(f"{raw_name!r} is a sparse file, which layers must not contain", offset)
+        mtime_ns = info.mtime * 1_000_000_000
+        xattrs: dict[str, bytes] = {}
+        if self._global or self._pending:
+            records = {**self._global, **self._pending}
+            self._pending = {}
+            info, mtime_ns, xattrs = self._apply_records(info, records, mtime_ns, offset)
+        name = info.name
         etype = _TYPES.get(info.type)
         if etype is None:
-            raise self._fail(f"{raw_name!r} has unsupported type {info.type!r}", offset)
-        size = _pax_int(records, "size", info.size)
+            if info.type == tarfile.GNUTYPE_SPARSE:
+                raise self._fail(f"{name!r} is a sparse file, which layers must not contain", offset)
+            raise self._fail(f"{name!r} has unsupported type {info.type!r}", offset)
+        size = info.size
         if not 0 <= size <= self._max_entry_size:
-            raise self._fail(f"{raw_name!r} claims an absurd size of {size} bytes", offset)
+            raise self._fail(f"{name!r} claims an absurd size of {size} bytes", offset)
+        data_offset = -1
         if etype is EntryType.FILE:
             self._skip = padded(size)
+            data_offset = offset + BLOCK
         else:
             size = 0  # like Go's archive/tar, header-only types carry no data whatever the size says
-        path = normalize_path(raw_name)
+        path = normalize_path(name)
         if path == "" and etype is not EntryType.DIR:
             raise UnsafePath(
-                f"layer {self.layer}: entry {raw_name!r} at byte {offset} would replace the layer root"
+                f"layer {self.layer}: entry {name!r} at byte {offset} would replace the layer root"
             )
-        link = _text(records["linkpath"]) if "linkpath" in records else info.linkname
+        link = info.linkname
         if etype is EntryType.HARDLINK:
-            link = self._hardlink_target(raw_name, link, offset)
-        mtime_ns = _pax_mtime_ns(records["mtime"]) if "mtime" in records else int(info.mtime) * 1_000_000_000
-        xattrs = (
-            {k[len(_XATTR_PREFIX) :]: v for k, v in records.items() if k.startswith(_XATTR_PREFIX)}
-            if records
-            else {}
-        )
+            link = self._hardlink_target(name, link, offset)
+        # Positional: this runs once per entry and keyword calls cost measurably more.
         entry = Entry(
-            path=path,
-            type=etype,
-            mode=info.mode & 0o7777,
+            path, etype, info.mode & 0o7777, info.uid, info.gid, info.uname, info.gname, size, mtime_ns,
+            link, xattrs, info.devmajor, info.devminor, data_offset,
+        )  # fmt: skip
+        self.entries.append(entry)
+        self._seen[path] = etype
+
+    def _apply_records(
+        self, info: Header, records: dict[str, bytes], mtime_ns: int, offset: int
+    ) -> tuple[Header, int, dict[str, bytes]]:
+        """Override header fields with PAX records / GNU long names; return (header, mtime_ns, xattrs)."""
+        if any(k in records for k in _SPARSE_KEYS):
+            raise self._fail(f"{info.name!r} is a sparse file, which layers must not contain", offset)
+        info = info._replace(
+            name=_text(records["path"]) if "path" in records else info.name,
+            linkname=_text(records["linkpath"]) if "linkpath" in records else info.linkname,
+            size=_pax_int(records, "size", info.size),
             uid=_pax_int(records, "uid", info.uid),
             gid=_pax_int(records, "gid", info.gid),
             uname=_text(records["uname"]) if "uname" in records else info.uname,
             gname=_text(records["gname"]) if "gname" in records else info.gname,
-            size=size,
-            mtime_ns=mtime_ns,
-            link_target=link,
-            xattrs=xattrs,
-            devmajor=info.devmajor,
-            devminor=info.devminor,
-            data_offset=data_offset if etype is EntryType.FILE else -1,
         )
-        self.entries.append(entry)
-        self._seen[path] = etype
+        if "mtime" in records:
+            mtime_ns = _pax_mtime_ns(records["mtime"])
+        xattrs = {k[len(_XATTR_PREFIX) :]: v for k, v in records.items() if k.startswith(_XATTR_PREFIX)}
+        return info, mtime_ns, xattrs
 
     def _hardlink_target(self, name: str, link: str, offset: int) -> str:
         target = normalize_path(link)
