@@ -289,6 +289,7 @@ class LayerReader:
         pos = span.ustart  # uncompressed offset of the next output byte
 
         def keep(data: bytes) -> None:
+            """Keep the part of ``data`` that falls inside [lo, hi)."""
             nonlocal pos
             if pos + len(data) > lo and pos < hi:
                 out.append(data[max(0, lo - pos) : hi - pos])

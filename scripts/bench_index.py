@@ -158,7 +158,7 @@ def main() -> None:
     path = make_layer()
     blob = path.read_bytes()
     print(
-        f"layer: {path} ({len(blob) / MB:.1f} MB gzip), python {sys.version.split()[0]}, zlib {zlib.ZLIB_RUNTIME_VERSION}, {os.cpu_count()} CPUs"
+        f"load average {os.getloadavg()[0]:.2f}; layer: {path} ({len(blob) / MB:.1f} MB gzip), python {sys.version.split()[0]}, zlib {zlib.ZLIB_RUNTIME_VERSION}, {os.cpu_count()} CPUs"
     )
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()  # known from the manifest before the download
     # The machine is shared: alternate baseline and build rounds and keep the best of each,
