@@ -172,7 +172,10 @@ class Authenticator:
                 "lazysnap cannot authenticate to it"
             )
         challenge = next((c for c in usable if c.scheme == "bearer"), usable[0])
-        self._challenges[host] = challenge
+        # Remembered for later requests to this host, minus the scope, which belonged to this request.
+        self._challenges[host] = Challenge(
+            challenge.scheme, {k: v for k, v in challenge.params.items() if k != "scope"}
+        )
         if challenge.scheme == "basic":
             creds = self.credentials_for(host)
             if creds is None or (sent is not None and sent.startswith("Basic ")):
@@ -199,7 +202,13 @@ class Authenticator:
         realm = challenge.params.get("realm")
         if not realm:
             raise AuthError(f"image {ref}: registry {ref.registry} sent a Bearer challenge without a realm")
-        params = {"scope": scope}
+        # Ask for our scope and, if the registry named another one, that too (the token server may
+        # grant several at once): a HEAD challenged for "pull" then covers the push that follows.
+        scopes = [scope]
+        asked = challenge.params.get("scope")
+        if asked and asked != scope:
+            scopes.append(asked)
+        params: dict[str, str | list[str]] = {"scope": scopes}
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
         headers = {}
