@@ -190,3 +190,29 @@ def test_a_digest_can_not_name_a_path_outside_the_cache(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         BlobCache(tmp_path).blob_dir("sha256:../../etc")
     assert os.listdir(tmp_path) == []
+
+
+async def test_fill_waits_until_on_demand_reads_are_quiet(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Background fill sends nothing while on-demand reads keep missing, and starts once they stop."""
+    data = random.Random(7).randbytes(4 << 20)
+    registry = FakeRegistry(data)
+    times: list[float] = []
+
+    async def fetch(offset: int, length: int) -> bytes:
+        times.append(trio.current_time())
+        return await registry.fetch(offset, length)
+
+    blob = BlobCache(tmp_path).open(_digest(data), len(data), fetch, chunk_size=CHUNK)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(blob.fill)
+        for step in range(5):  # a read every 0.5 s for 2 s, each a miss
+            await blob.read(step * (512 << 10), 10)
+            await trio.sleep(0.5)
+        on_demand = len(times)
+    assert on_demand == 5
+    assert blob.complete
+    # The first background request left one quiet second after the last read (at t=2.0).
+    assert times[on_demand] >= 3.0
+    blob.close()
