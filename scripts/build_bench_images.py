@@ -124,7 +124,11 @@ async def push_gzip(host: str, name: str, tarball: Path, tags: list[str]) -> Non
     config = {"Cmd": ["/usr/bin/python3"], "Env": ["PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"]}
     async with RegistryClient(plain_http=True) as client:
         for tag in tags:
-            await push_image(client, parse_reference(f"{host}/{name}:{tag}"), [layer], config=config)
+            # The same layer, but a manifest of its own per tag: published indexes are found by
+            # manifest digest, so NAME:gzip must not share NAME:indexed's.
+            annotations = {"org.lazysnap.bench.variant": tag}
+            ref = parse_reference(f"{host}/{name}:{tag}")
+            await push_image(client, ref, [layer], config=config, annotations=annotations)
     log(f"{name}: pushed {', '.join(tags)} in {time.monotonic() - started:.1f} s")
 
 

@@ -64,6 +64,11 @@ def summarize(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def short_name(image: str) -> str:
+    """``host/repo:tag`` -> ``repo:tag`` for narrow tables."""
+    return image.split("/", 1)[-1]
+
+
 def _mb(value: float) -> str:
     return f"{value / 1e6:.2f}"
 
@@ -72,7 +77,7 @@ def runs_table(runs: Sequence[RunResult]) -> Table:
     """Every run so far, one row each."""
     table = Table(title="runs", title_justify="left")
     for column in ("image", "mode", "#", "ready s", "mount s", "workload s", "MB before", "MB total"):
-        table.add_column(column, justify="left" if column in ("image", "mode") else "right")
+        table.add_column(column, justify="left" if column in ("image", "mode") else "right", no_wrap=True)
     for run in runs:
         if run.error:
             table.add_row(
@@ -80,7 +85,7 @@ def runs_table(runs: Sequence[RunResult]) -> Table:
             )
             continue
         table.add_row(
-            run.image,
+            short_name(run.image),
             run.mode,
             str(run.repeat),
             f"{run.time_to_ready_s:.2f}",
@@ -96,12 +101,12 @@ def summary_table(summary: Sequence[dict[str, Any]]) -> Table:
     """Medians per image and mode, with the ratio against eager and the share of the image fetched."""
     table = Table(title="medians (ratio: against eager in this run)", title_justify="left")
     for column in ("image", "mode", "runs", "ready s", "x eager", "MB before", "% of image", "MB total"):
-        table.add_column(column, justify="left" if column in ("image", "mode") else "right")
+        table.add_column(column, justify="left" if column in ("image", "mode") else "right", no_wrap=True)
     for row in summary:
         ratio = row["time_vs_eager"]
         fraction = row["fraction_before_ready"]
         table.add_row(
-            row["image"],
+            short_name(row["image"]),
             row["mode"],
             str(row["runs"]),
             f"{row['median_time_to_ready_s']:.2f}",
