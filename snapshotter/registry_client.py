@@ -8,12 +8,10 @@ distribution API: manifests, indexes, platforms, blobs, ranges and uploads.
 from __future__ import annotations
 
 import hashlib
-import json
-import platform as _platform
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
 
@@ -22,120 +20,24 @@ import trio
 
 from index.errors import DigestMismatch
 from snapshotter import media_types as mt
-from snapshotter.errors import NoMatchingPlatform, RangeNotSupported, RegistryError, UnsupportedMediaType
-from snapshotter.reference import Reference, parse_reference, validate_digest
+from snapshotter.errors import RangeNotSupported, RegistryError, UnsupportedMediaType
+from snapshotter.image_manifest import (
+    MAX_MANIFEST_SIZE,
+    Descriptor,
+    Platform,
+    ResolvedImage,
+    diff_ids_from_config,
+    digest_of,
+    manifest_media_type,
+    parse_descriptor,
+    parse_json_object,
+    select_platform,
+)
+from snapshotter.reference import Reference, parse_reference
 from snapshotter.registry_auth import Authenticator, default_docker_config_path, load_docker_config
 from snapshotter.registry_http import RegistrySession, RetryPolicy, give_up
 
-# containerd refuses manifests over 4 MiB; so do we, so a hostile registry cannot make us buffer gigabytes.
-MAX_MANIFEST_SIZE = 4 << 20
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-_GOARCH = {
-    "x86_64": "amd64",
-    "amd64": "amd64",
-    "aarch64": "arm64",
-    "arm64": "arm64",
-    "i386": "386",
-    "i686": "386",
-    "armv7l": "arm",
-    "armv6l": "arm",
-    "ppc64le": "ppc64le",
-    "s390x": "s390x",
-    "riscv64": "riscv64",
-}
-
-
-def _running_arch() -> str:
-    machine = _platform.machine().lower()
-    return _GOARCH.get(machine, machine)
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """A content descriptor: what a manifest says about a blob or another manifest."""
-
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict[str, str] = field(default_factory=dict)
-    urls: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the descriptor as an OCI JSON object."""
-        body: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.annotations:
-            body["annotations"] = dict(self.annotations)
-        if self.urls:
-            body["urls"] = list(self.urls)
-        return body
-
-
-@dataclass(frozen=True)
-class Platform:
-    """The platform an image runs on, in Go's GOOS/GOARCH terms (what image indexes use)."""
-
-    os: str = "linux"
-    architecture: str = field(default_factory=_running_arch)
-    variant: str | None = None
-
-    def to_json(self) -> dict[str, str]:
-        """Return the platform as an image index ``platform`` object."""
-        body = {"os": self.os, "architecture": self.architecture}
-        if self.variant:
-            body["variant"] = self.variant
-        return body
-
-    def matches(self, other: Mapping[str, Any]) -> bool:
-        """True if an index's ``platform`` object fits this platform (any variant if ours is None)."""
-        if other.get("os") != self.os or other.get("architecture") != self.architecture:
-            return False
-        if self.variant is None:
-            return True
-        # arm64 without a variant means v8 (containerd normalizes the same way).
-        default = "v8" if self.architecture == "arm64" else None
-        return (other.get("variant") or default) == (self.variant or default)
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-@dataclass(frozen=True)
-class ResolvedImage:
-    """An image resolved down to one platform's manifest, its config and its layers."""
-
-    reference: Reference
-    manifest_digest: str
-    manifest_media_type: str
-    config: Descriptor
-    layers: list[Descriptor]
-    diff_ids: list[str]
-
-
-def parse_descriptor(obj: Any, context: str) -> Descriptor:
-    """Build a Descriptor from manifest JSON; raises RegistryError if a field is missing or mistyped."""
-    if not isinstance(obj, dict):
-        raise RegistryError(f"{context}: descriptor is not a JSON object")
-    media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
-    if (
-        not isinstance(media_type, str)
-        or not isinstance(digest, str)
-        or not isinstance(size, int)
-        or size < 0
-    ):
-        raise RegistryError(
-            f"{context}: descriptor lacks mediaType, digest or a valid size: {json.dumps(obj)[:200]}"
-        )
-    validate_digest(digest, context)
-    annotations = obj.get("annotations") or {}
-    urls = obj.get("urls") or []
-    return Descriptor(
-        media_type, digest, size, {str(k): str(v) for k, v in annotations.items()}, tuple(map(str, urls))
-    )
-
-
-def digest_of(data: bytes) -> str:
-    """Return the ``sha256:`` digest of ``data``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _hasher(digest: str, context: str) -> Any:
@@ -245,7 +147,7 @@ class RegistryClient:
         digest = digest_of(body)
         if key.startswith("sha") and ":" in key and digest != key:
             raise DigestMismatch(f"image {ref}: {what}", key, digest)
-        return body, _manifest_media_type(ref, response, body), digest
+        return body, manifest_media_type(ref, response, body), digest
 
     async def resolve(self, ref: Reference | str, platform: Platform | None = None) -> ResolvedImage:
         """Resolve a reference to one platform's manifest, config and layers; raises RegistryError subclasses."""
@@ -253,7 +155,7 @@ class RegistryClient:
         platform = platform or Platform()
         body, media_type, digest = await self.fetch_manifest(ref)
         if media_type in mt.INDEX_TYPES:
-            chosen = select_platform(ref, _json(ref, body, "index"), platform)
+            chosen = select_platform(ref, parse_json_object(ref, body, "index"), platform)
             body, media_type, digest = await self.fetch_manifest(ref, chosen.digest)
         if media_type in mt.SCHEMA1_TYPES:
             raise UnsupportedMediaType(
@@ -261,7 +163,7 @@ class RegistryClient:
             )
         if media_type not in mt.MANIFEST_TYPES:
             raise UnsupportedMediaType(f"image {ref}: unsupported manifest media type {media_type!r}")
-        manifest = _json(ref, body, "manifest")
+        manifest = parse_json_object(ref, body, "manifest")
         config = parse_descriptor(manifest.get("config"), f"image {ref}: config")
         if config.media_type not in mt.CONFIG_TYPES:
             raise UnsupportedMediaType(
@@ -274,8 +176,8 @@ class RegistryClient:
         layers = [parse_descriptor(layer, f"image {ref}: layer {i}") for i, layer in enumerate(raw_layers)]
         for i, layer in enumerate(layers):
             mt.layer_compression(layer.media_type, f"image {ref}: layer {i} ({layer.digest})")
-        diff_ids = _diff_ids(
-            ref, _json(ref, await self.fetch_blob(ref, config.digest), "config"), len(layers)
+        diff_ids = diff_ids_from_config(
+            ref, parse_json_object(ref, await self.fetch_blob(ref, config.digest), "config"), len(layers)
         )
         return ResolvedImage(ref, digest, media_type, config, layers, diff_ids)
 
@@ -486,67 +388,6 @@ def _raw_body(response: httpx.Response, chunk_size: int) -> AsyncGenerator[bytes
     return cast(AsyncGenerator[bytes, None], response.aiter_raw(chunk_size))
 
 
-def select_platform(ref: Reference, index: dict[str, Any], platform: Platform) -> Descriptor:
-    """Pick the manifest for ``platform`` from an image index; raises NoMatchingPlatform."""
-    entries = index.get("manifests")
-    if not isinstance(entries, list):
-        raise RegistryError(f"image {ref}: image index has no manifests list")
-    offered: list[str] = []
-    for i, entry in enumerate(entries):
-        wanted = entry.get("platform") if isinstance(entry, dict) else None
-        if not isinstance(wanted, dict):
-            continue
-        offered.append(
-            "/".join(str(wanted.get(k)) for k in ("os", "architecture", "variant") if wanted.get(k))
-        )
-        if platform.matches(wanted):
-            descriptor = parse_descriptor(entry, f"image {ref}: index entry {i}")
-            if descriptor.media_type in mt.MANIFEST_TYPES:
-                return descriptor
-    raise NoMatchingPlatform(
-        f"image {ref}: no manifest for platform {platform} (the index offers: {', '.join(offered) or 'none'}); "
-        "pick one of those platforms or another image"
-    )
-
-
-def _manifest_media_type(ref: Reference, response: httpx.Response, body: bytes) -> str:
-    content_type = response.headers.get("content-type", "").split(";")[0].strip()
-    if content_type in mt.INDEX_TYPES | mt.MANIFEST_TYPES | mt.SCHEMA1_TYPES:
-        return str(content_type)
-    # Some registries answer application/json; fall back to the body's own mediaType, then its shape.
-    document = _json(ref, body, "manifest")
-    declared = document.get("mediaType")
-    if isinstance(declared, str) and declared:
-        return str(declared)
-    if "manifests" in document:
-        return mt.OCI_INDEX
-    if "layers" in document:
-        return mt.OCI_MANIFEST
-    raise UnsupportedMediaType(f"image {ref}: manifest of unknown media type {content_type!r}")
-
-
-def _json(ref: Reference, body: bytes, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(body)
-    except ValueError as error:
-        raise RegistryError(f"image {ref}: {what} is not valid JSON: {error}") from error
-    if not isinstance(document, dict):
-        raise RegistryError(f"image {ref}: {what} is not a JSON object")
-    return document
-
-
-def _diff_ids(ref: Reference, config: dict[str, Any], layer_count: int) -> list[str]:
-    rootfs = config.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
-        raise RegistryError(f"image {ref}: image config has no rootfs.diff_ids list")
-    if len(diff_ids) != layer_count:
-        raise RegistryError(
-            f"image {ref}: config lists {len(diff_ids)} diff_ids for {layer_count} layers; the image is malformed"
-        )
-    return [validate_digest(d, f"image {ref}: diff_id") for d in diff_ids]
-
-
 def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
     # "bytes FIRST-LAST/TOTAL" or "bytes */TOTAL"; TOTAL may be "*".
     if not value or not value.startswith("bytes "):
@@ -584,3 +425,17 @@ def _location(ref: Reference, response: httpx.Response, what: str) -> str:
     if not location:
         raise RegistryError(f"image {ref}: {what}: registry sent no upload Location")
     return str(response.request.url.join(location))  # Location may be relative
+
+
+# The image types live in image_manifest; they are re-exported here, where callers met them first.
+__all__ = [
+    "MAX_MANIFEST_SIZE",
+    "Descriptor",
+    "Platform",
+    "RegistryClient",
+    "ResolvedImage",
+    "RetryPolicy",
+    "digest_of",
+    "parse_descriptor",
+    "select_platform",
+]
