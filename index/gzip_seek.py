@@ -21,8 +21,6 @@ import struct
 import zlib
 from collections.abc import Callable
 
-import numpy as np
-
 from index.errors import LayerFormatError, TruncatedLayer
 from index.model import SeekPoint
 
@@ -314,13 +312,13 @@ class GzipScanner:
                 self._maybe_point(dt & 7, None)
 
 
-# Probe windows for minimize_window: byte i of the window is replaced by a function of i, so
-# every output byte copied from the window reveals (across the probes) which position it came from.
-_POSITIONS = np.arange(WINDOW_SIZE, dtype=np.uint32)
-_PROBE_LOW = (_POSITIONS & 0xFF).astype(np.uint8)
-_PROBE_HIGH = ((_POSITIONS >> 8) | 0x80).astype(np.uint8)
-_PROBE_FLIP = _PROBE_LOW ^ 0x55
-_FULL_PROBES = tuple(p.tobytes() for p in (_PROBE_LOW, _PROBE_HIGH, _PROBE_FLIP))
+# Probe windows for minimize_window: byte i of probe A is i mod 256 and of probe B is
+# A + 1 + i // 256 (mod 256), never equal to A. An output byte copied from window position i
+# therefore differs between the two decodes and names i; a literal is the same in both.
+_FULL_PROBES = (
+    bytes(i & 0xFF for i in range(WINDOW_SIZE)),
+    bytes(((i & 0xFF) + 1 + (i >> 8)) & 0xFF for i in range(WINDOW_SIZE)),
+)
 
 
 def _decode_after(point: SeekPoint, window: bytes, following: bytes) -> bytes:
@@ -346,24 +344,29 @@ def minimize_window(point: SeekPoint, following: bytes) -> bytes:
     compresses several times smaller, which is what keeps a stored index small.
 
     Why this is exact: deflate's bit stream decodes to the same literals, lengths and
-    distances whatever the history holds, so the probes differ only in bytes copied (directly
-    or through earlier copies) from the window, and those bytes name their source position.
-    Returns the window unchanged if the probes disagree in length (never expected); raises nothing.
+    distances whatever the history holds, so two decodes with different probe windows differ
+    exactly in the bytes copied (directly or through earlier copies) from the window, and
+    those bytes name their source position. Returns the window unchanged if the probes
+    disagree in length (never expected); raises nothing.
     """
+    import numpy as np  # here, not at module level: importing numpy costs every CLI start 0.1 s
+
     window = point.window
     n = len(window)
     if not n:
         return window
     probes = _FULL_PROBES if n == WINDOW_SIZE else tuple(p[-n:] for p in _FULL_PROBES)
-    low, high, flip = (_decode_after(point, probe, following) for probe in probes)
-    size = len(low)
-    if len(high) != size or len(flip) != size:
+    first, second = (_decode_after(point, probe, following) for probe in probes)
+    size = len(first)
+    if len(second) != size:
         return window
-    a = np.frombuffer(low, np.uint8, size)
-    b = np.frombuffer(high, np.uint8, size)
-    copied = a != np.frombuffer(flip, np.uint8, size)  # literals are the same in every probe
-    # Probe positions are counted from the start of the full 32 KiB probe; shift to this window.
-    used = (a[copied] | ((b[copied].astype(np.int32) & 0x7F) << 8)) - (WINDOW_SIZE - n)
+    a = np.frombuffer(first, np.uint8, size)
+    b = np.frombuffer(second, np.uint8, size)
+    copied = a != b
+    a, b = a[copied], b[copied]
+    high = (b - a - 1).astype(np.uint8)  # wraps mod 256, undoing the probe's construction
+    # Probe positions count from the start of the full 32 KiB probe; shift to this window.
+    used = (a.astype(np.int32) | (high.astype(np.int32) << 8)) - (WINDOW_SIZE - n)
     minimized = np.zeros(n, np.uint8)
     source = np.frombuffer(window, np.uint8)
     minimized[used] = source[used]

@@ -112,7 +112,7 @@ def build(blob: bytes, spacing: int, digest: str) -> LayerIndex:
     return builder.finish()
 
 
-def random_reads(index: LayerIndex, blob: bytes, count: int, seed: int = 7) -> dict[str, float]:
+def random_reads(index: LayerIndex, blob: bytes, tar: bytes, count: int, seed: int = 7) -> dict[str, float]:
     """Cold random 4 KiB reads (fresh reader each, position uniform over file bytes): mean fetched bytes and ms."""
     files = [e for e in index.entries if e.type is EntryType.FILE and e.size > 0]
     rng = random.Random(seed)
@@ -133,7 +133,10 @@ def random_reads(index: LayerIndex, blob: bytes, count: int, seed: int = 7) -> d
             start = time.perf_counter()
             data = await reader.read(entry, offset, 4096)
             times.append(time.perf_counter() - start)
-            assert len(data) == min(4096, entry.size - offset)
+            start = entry.data_offset + offset
+            assert data == tar[start : start + min(4096, entry.size - offset)], (
+                f"wrong bytes from {entry.path}"
+            )
             assert sum(r.length for r in plan_read(index, entry, offset, 4096)) == fetched[-1]
 
     trio.run(run)
@@ -191,12 +194,13 @@ def main() -> None:
     ten_k_bytes = dump_index(ten_k)
     res["load_10k_entries_ms"] = timed(lambda: load_index(ten_k_bytes), repeat=5)[0] * 1000
 
+    tar = zlib.decompress(blob, 31)  # to check every read against (single-member blob)
     res["reads"] = {}
     for spacing_mib in (1, 2, 4):
         idx = index if spacing_mib == 1 else build(blob, spacing_mib << 20, digest)
         res["reads"][f"{spacing_mib}MiB"] = {
             "seek_points": len(idx.seek_points),
-            **random_reads(idx, blob, args.reads),
+            **random_reads(idx, blob, tar, args.reads),
         }
 
     print()
