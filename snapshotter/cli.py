@@ -235,7 +235,7 @@ def index_push(reference: str, root: str, plain_http: bool, docker_config: str |
             "containerd-lazysnap",
         ]
     ),
-    help="Modes to run (repeatable; default: eager, lazy, lazy+no-background-fetch, containerd-overlayfs).",
+    help="Modes to run (repeatable; default: all but lazy+stored-index; containerd-* where available).",
 )
 @click.option("--out", default="bench-results", show_default=True, type=click.Path(file_okay=False))
 @click.option(

@@ -13,7 +13,10 @@ What "cold" means per mode (a fair start is what a node that never ran the image
 - ``lazy+stored-index``: as ``lazy`` but the local index store is kept from an untimed first
   mount: the node pulled another tag sharing these layers before, or got the index out of band.
   Its blob cache is removed.
-- ``containerd-*``: a fresh containerd (empty content store, snapshots and images) per run.
+- ``containerd-*``: a fresh containerd (empty content store, snapshots and images) per run, and
+  for ``containerd-lazysnap`` a fresh ``lazysnap serve`` (empty root) in its mount namespace.
+  Their start-up is not timed: on a node both daemons run before any pull. The lazysnap CLI
+  modes do pay for starting a mount daemon (``lazysnap mount``), as a user of that command does.
 
 Before every run the page cache is dropped (``echo 3 > /proc/sys/vm/drop_caches``), then
 lazysnap's Python modules and the helper tools are read back, untimed: a node running the
@@ -39,6 +42,7 @@ from typing import Any
 from fusefs.mount import is_mounted
 from snapshotter.bench.network import Link
 from snapshotter.containerd_env import Containerd, containerd_available
+from snapshotter.containerd_stack import SNAPSHOTTER, LazysnapStack
 
 LAZYSNAP = [sys.executable, "-m", "snapshotter.cli"]
 CHROOT_ENV = {
@@ -56,7 +60,7 @@ TOTAL_TIMEOUT_SECONDS = 300.0
 LAZY_MODES = ("eager", "lazy", "lazy+no-background-fetch", "lazy+stored-index")
 CONTAINERD_MODES = ("containerd-overlayfs", "containerd-lazysnap")
 ALL_MODES = LAZY_MODES + CONTAINERD_MODES
-DEFAULT_MODES = ("eager", "lazy", "lazy+no-background-fetch", "containerd-overlayfs")
+DEFAULT_MODES = ("eager", "lazy", "lazy+no-background-fetch", "containerd-overlayfs", "containerd-lazysnap")
 _MOUNT_FLAGS: dict[str, list[str]] = {
     "eager": ["--eager"],
     "lazy": [],
@@ -182,6 +186,8 @@ class BenchContext:
     verbose: bool = False
     # Set by prepare_stored_index for lazy+stored-index: images whose indexes are in the store.
     indexed_images: set[str] = field(default_factory=set)
+    # The default workload found for each image by a lazysnap run, for the containerd rows.
+    workloads: dict[str, str] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -206,7 +212,7 @@ class Runner:
         """Measure one run of ``mode`` on ``image`` (a reference through the link)."""
         if mode in LAZY_MODES:
             return self._run_lazysnap(image, mode, repeat)
-        if mode == "containerd-overlayfs":
+        if mode in CONTAINERD_MODES:
             return self._run_containerd(image, mode, repeat)
         raise BenchRunError(f"mode {mode} is not available yet")
 
@@ -251,6 +257,7 @@ class Runner:
             mounted = time.monotonic()
             with overlay_over(mountpoint, scratch / "overlay") as merged:
                 workload = self.context.workload or default_workload(merged)
+                self.context.workloads[image] = workload
                 run_chroot(merged, workload)
             ready = time.monotonic()
             before = counter.downstream - mark
@@ -321,9 +328,9 @@ class Runner:
         self._wait_idle(IDLE_SECONDS / 3)
         return stats
 
-    def _wait_idle(self, quiet: float) -> None:
+    def _wait_idle(self, quiet: float, timeout: float = 30) -> None:
         """Let in-flight responses finish so the relay's count is complete."""
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if time.monotonic() - self.context.link.counter.last_activity >= quiet:
                 return
@@ -332,35 +339,64 @@ class Runner:
     # -- containerd modes --------------------------------------------------------------------
 
     def _run_containerd(self, image: str, mode: str, repeat: int) -> RunResult:
+        """``ctr image pull`` + ``ctr run`` (overlayfs), or ``ctr-remote image rpull`` + ``ctr run`` through lazysnap."""
         if not containerd_available():
             raise BenchRunError("containerd modes need root, containerd, ctr, runc, unshare and nsenter")
         counter = self.context.link.counter
-        with Containerd() as ctrd:
+        workload = self.context.workload or self.context.workloads.get(image, PYTHON_WORKLOAD)
+        lazy = mode == "containerd-lazysnap"
+        # A fresh containerd (and lazysnap daemon) per run is the cold start; their start-up is
+        # not timed: on a node both are running before any pull.
+        stack = LazysnapStack(plain_http=[self.context.link.host]) if lazy else None
+        ctrd = stack.containerd if stack is not None else Containerd()
+        try:
+            if stack is not None:
+                stack.start()
+            else:
+                ctrd.start()
             drop_caches()
+            warm_tools()
             mark, connections = counter.downstream, counter.connections
             started = time.monotonic()
-            pull = ["image", "pull"] + (["--plain-http"] if self.context.plain_http else []) + [image]
-            ctrd.ctr(*pull, timeout=900)
+            plain = ["--plain-http"] if self.context.plain_http else []
+            if stack is not None:
+                ctrd.ctr_remote("image", "rpull", *plain, "--snapshotter", SNAPSHOTTER, image, timeout=900)
+            else:
+                ctrd.ctr("image", "pull", *plain, image, timeout=900)
             pulled = time.monotonic()
-            workload = self.context.workload or PYTHON_WORKLOAD
+            snapshotter = ["--snapshotter", SNAPSHOTTER] if lazy else []
             # ctr run wants argv after the container id; shlex keeps quoted arguments whole.
-            ctrd.ctr("run", "--rm", image, f"bench-{repeat}", *shlex.split(workload), timeout=600)
+            command = shlex.split(workload)
+            ctrd.ctr("run", "--rm", *snapshotter, image, f"bench-{repeat}", *command, timeout=600)
             ready = time.monotonic()
             self._wait_idle(IDLE_SECONDS / 3)
             before = counter.downstream - mark
-            return RunResult(
-                image=image,
-                mode=mode,
-                repeat=repeat,
-                workload=workload,
-                time_to_ready_s=ready - started,
-                bytes_before_ready=before,
-                bytes_total=before,
-                image_size=0,
-                mount_s=pulled - started,
-                workload_s=ready - pulled,
-                connections=counter.connections - connections,
-            )
+            if lazy:
+                self._wait_idle(IDLE_SECONDS, timeout=TOTAL_TIMEOUT_SECONDS)  # the background fill
+            total = counter.downstream - mark
+        except subprocess.CalledProcessError as error:
+            log = stack.log()[-1500:] if stack is not None else ""
+            raise BenchRunError(
+                f"{mode}: {shlex.join(error.cmd)}: {error.stderr.strip()[-1500:]}\n{log}"
+            ) from None
+        finally:
+            if stack is not None:
+                stack.stop()
+            else:
+                ctrd.stop()
+        return RunResult(
+            image=image,
+            mode=mode,
+            repeat=repeat,
+            workload=workload,
+            time_to_ready_s=ready - started,
+            bytes_before_ready=before,
+            bytes_total=total,
+            image_size=0,
+            mount_s=pulled - started,
+            workload_s=ready - pulled,
+            connections=counter.connections - connections,
+        )
 
 
 def available_modes(requested: tuple[str, ...], warn: Callable[[str], None]) -> list[str]:
@@ -369,10 +405,8 @@ def available_modes(requested: tuple[str, ...], warn: Callable[[str], None]) -> 
     for mode in requested:
         if mode in CONTAINERD_MODES and not containerd_available():
             warn(f"skipping {mode}: needs root, containerd, ctr, runc, unshare and nsenter")
-        elif mode == "containerd-lazysnap":
-            # TODO(remote snapshots): `lazysnap serve` + `ctr-remote image rpull --snapshotter
-            # lazysnap` once the proxy plugin's remote-snapshot path is wired.
-            warn("skipping containerd-lazysnap: not implemented in the benchmark yet")
+        elif mode == "containerd-lazysnap" and shutil.which("ctr-remote") is None:
+            warn("skipping containerd-lazysnap: needs ctr-remote (Debian's stargz-snapshotter package)")
         else:
             modes.append(mode)
     return modes
