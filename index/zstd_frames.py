@@ -18,9 +18,10 @@ from index.model import SeekPoint
 
 _FRAME_MAGIC = 0xFD2FB528
 _SKIPPABLE_MASK, _SKIPPABLE_MAGIC = 0xFFFFFFF0, 0x184D2A50
-# Input is handed to libzstd in slices of this size so that one call's output stays bounded
-# for ordinary data (a hostile blob can still expand a slice a lot; the caller caps totals).
-_SLICE = 128 << 10
+# Input is handed to libzstd in slices of this size because python-zstandard's decompressobj
+# has no output limit: a slice expands to at most ~32768x its size (RLE blocks), so 16 KiB
+# bounds one call at ~512 MiB even for a hostile blob, while costing ~10k calls per 150 MB.
+_SLICE = 16 << 10
 
 
 class ZstdScanner:
