@@ -6,7 +6,8 @@ Starts docker-registry on a free 127.0.0.1 port, pushes one large random blob, t
   * N random ranges of L KiB (same offsets for every run) at concurrency 1, 8 and 32
     (a trio nursery, a semaphore, one pooled client).
 Prints a table (requests/s, MB/s, latency percentiles, ratio of MB/s to the baseline, bytes the
-registry sent according to its log) and writes the same numbers as JSON with --out.
+registry sent according to its log, CPU ms per request of the client and of the registry) and
+writes the same numbers as JSON with --out. Client and registry share this machine's cores.
 
     .venv/bin/python scripts/bench_registry.py --size-mb 192 --out bench_registry.json
 """
@@ -46,6 +47,8 @@ class Result:
     bytes: int
     seconds: float
     registry_bytes: int
+    client_cpu_s: float = 0.0  # CPU of this process (the client) during the run
+    registry_cpu_s: float = 0.0  # CPU of the docker-registry process during the run
     p50_ms: float | None = None
     p99_ms: float | None = None
 
@@ -64,13 +67,22 @@ def _random_blob(size: int, seed: int) -> bytes:
 
 
 async def _baseline(client: RegistryClient, registry: LocalRegistry, ref: Reference, digest: str) -> Result:
-    mark = registry.mark()
+    mark, cpu, registry_cpu = registry.mark(), time.process_time(), registry.cpu_seconds()
     start = time.perf_counter()
     total = 0
     async for chunk in client.stream_blob(ref, digest):
         total += len(chunk)
     seconds = time.perf_counter() - start
-    return Result("whole-blob GET", 1, 1, total, seconds, registry.bytes_sent_since(mark, method="GET"))
+    return Result(
+        "whole-blob GET",
+        1,
+        1,
+        total,
+        seconds,
+        registry.bytes_sent_since(mark, method="GET"),
+        client_cpu_s=time.process_time() - cpu,
+        registry_cpu_s=registry.cpu_seconds() - registry_cpu,
+    )
 
 
 async def _ranges(
@@ -94,12 +106,13 @@ async def _ranges(
             latencies.append(time.perf_counter() - begin)
             received += len(data)
 
-    mark = registry.mark()
+    mark, cpu, registry_cpu = registry.mark(), time.process_time(), registry.cpu_seconds()
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for offset in offsets:
             nursery.start_soon(one, offset)
     seconds = time.perf_counter() - start
+    cpu, registry_cpu = time.process_time() - cpu, registry.cpu_seconds() - registry_cpu
     quantiles = statistics.quantiles(latencies, n=100)
     return Result(
         f"{length // 1024} KiB ranges",
@@ -108,6 +121,8 @@ async def _ranges(
         received,
         seconds,
         registry.bytes_sent_since(mark, method="GET"),
+        client_cpu_s=cpu,
+        registry_cpu_s=registry_cpu,
         p50_ms=quantiles[49] * 1000,
         p99_ms=quantiles[98] * 1000,
     )
@@ -148,14 +163,18 @@ async def _run(args: argparse.Namespace, registry: LocalRegistry) -> tuple[list[
 
 def _table(results: list[Result]) -> str:
     baseline = results[0].mb_per_s
-    header = f"{'run':<16} {'conc':>4} {'reqs':>5} {'req/s':>9} {'MB/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'vs base':>8} {'registry MB':>11}"
+    header = (
+        f"{'run':<16} {'conc':>4} {'reqs':>5} {'req/s':>8} {'MB/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'vs base':>7} {'reg MB':>7} {'cli ms/req':>10} {'reg ms/req':>10}"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         p50 = f"{r.p50_ms:.2f}" if r.p50_ms is not None else "-"
         p99 = f"{r.p99_ms:.2f}" if r.p99_ms is not None else "-"
         lines.append(
-            f"{r.name:<16} {r.concurrency:>4} {r.requests:>5} {r.req_per_s:>9.1f} {r.mb_per_s:>8.1f} "
-            f"{p50:>7} {p99:>7} {r.mb_per_s / baseline:>7.2f}x {r.registry_bytes / MB:>11.2f}"
+            f"{r.name:<16} {r.concurrency:>4} {r.requests:>5} {r.req_per_s:>8.1f} {r.mb_per_s:>7.1f} "
+            f"{p50:>7} {p99:>7} {r.mb_per_s / baseline:>6.2f}x {r.registry_bytes / MB:>7.2f} "
+            f"{r.client_cpu_s / r.requests * 1000:>10.2f} {r.registry_cpu_s / r.requests * 1000:>10.2f}"
         )
     return "\n".join(lines)
 

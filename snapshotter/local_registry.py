@@ -136,6 +136,18 @@ class LocalRegistry:
         """``http://127.0.0.1:PORT``: the base URL of the registry."""
         return f"http://{self.host}"
 
+    @property
+    def pid(self) -> int | None:
+        """The registry process id while it runs (for CPU accounting in benchmarks)."""
+        return self._process.pid if self._process is not None else None
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the registry process has used so far (0 when not running)."""
+        if self.pid is None:
+            return 0.0
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def start(self, timeout: float = 15.0) -> LocalRegistry:
         """Write the config, start the process and wait for ``/v2/``; raises FetchError if it never answers."""
         if shutil.which(self.binary) is None:
