@@ -102,6 +102,7 @@ class RegistryClient:
         self._session = RegistrySession(
             self._http, Authenticator(self._http, merged, timeout), policy, timeout
         )
+        # Blob body bytes received from the network (incl. bytes skipped when a registry ignored Range).
         self.bytes_fetched = 0
 
     async def __aenter__(self) -> RegistryClient:

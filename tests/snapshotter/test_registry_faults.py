@@ -15,6 +15,8 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from index.errors import DigestMismatch
 from snapshotter import media_types as mt
@@ -27,6 +29,7 @@ from snapshotter.errors import (
 )
 from snapshotter.reference import Reference
 from snapshotter.registry_client import RegistryClient
+from snapshotter.registry_http import RetryPolicy, parse_retry_after
 from tests.support.fake_registry import FakeRegistry, serve_bytes, sha256
 
 BLOB = random.Random(3).randbytes(200_000)
@@ -326,3 +329,39 @@ def _range_ignoring_server(blob: bytes) -> Iterator[tuple[str, list[int]]]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+class TestRangeProperty:
+    @given(
+        offset=st.integers(0, len(BLOB) + 10),
+        length=st.integers(0, 70_000),
+        ignore_range=st.booleans(),
+        chunk_size=st.sampled_from([1, 1000, 4096, 65536]),
+    )
+    @settings(max_examples=60, deadline=None)
+    async def test_any_range_equals_the_slice(
+        self, offset: int, length: int, ignore_range: bool, chunk_size: int
+    ) -> None:
+        """Any (offset, length), whether the registry honours Range or not, reads exactly BLOB[offset:offset+length]."""
+        fake = FakeRegistry(ignore_range=ignore_range, chunk_size=chunk_size)
+        fake.add_blob(BLOB)
+        async with fake.client() as client:
+            assert (
+                await client.read_range(fake.ref(), sha256(BLOB), offset, length)
+                == BLOB[offset : offset + length]
+            )
+
+
+class TestRetryAfter:
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [("7", 7.0), ("0", 0.0), (None, None), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+    )
+    def test_parse(self, value: str | None, expected: float | None) -> None:
+        """Retry-After in seconds or as a (past) HTTP date; junk is ignored."""
+        assert parse_retry_after(value) == expected
+
+    def test_cap(self) -> None:
+        """A huge Retry-After is capped so a bad header cannot stall a pull."""
+        policy = RetryPolicy(max_retry_after=30)
+        assert policy.delay_for(httpx.Response(503, headers={"Retry-After": "86400"}), 0) == 30
