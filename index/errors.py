@@ -29,7 +29,9 @@ class DigestMismatch(IntegrityError):
     """A blob, span, chunk or TOC hashed to another digest than expected."""
 
     def __init__(self, what: str, expected: str, actual: str) -> None:
-        super().__init__(f"{what}: digest mismatch: expected {expected}, got {actual}; the data was discarded")
+        super().__init__(
+            f"{what}: digest mismatch: expected {expected}, got {actual}; the data was discarded"
+        )
         self.what = what
         self.expected = expected
         self.actual = actual
