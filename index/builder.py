@@ -1,11 +1,14 @@
 """One-pass layer index builders, fed the compressed blob as it downloads.
 
-``LayerIndexBuilder.feed`` decompresses each piece (libz via ``gzip_seek``, libzstd via
-``zstd_frames``, nothing for tar), pushes the tar stream through ``TarEntryParser`` and hands
-the hashing (blob digest, span digests, DiffID) to one worker thread: with SHA-NI hashing is
-about a third of the work, and hashlib and libz both release the GIL, so on two cores the pass
-runs at about the speed of plain decompression. Memory is bounded by the worker's queue and
-the index itself, never by the blob.
+``LayerIndexBuilder.feed`` decompresses each piece in the calling thread (libz via
+``gzip_seek``, libzstd via ``zstd_frames``, nothing for tar) and hands everything else to one
+worker thread: the blob digest and span digests, the DiffID, the tar parser and the trimming
+of gzip checkpoint windows. libz and hashlib release the GIL, so on two free cores the two
+threads overlap; on one core the pass costs about 2.2x the CPU of plain decompression. Memory
+is bounded by the worker's queue and the index itself, never by the blob.
+
+``feed`` blocks (decompression, and back-pressure when the worker is behind): call it from a
+thread (``trio.to_thread.run_sync``), not from an event loop.
 """
 
 from __future__ import annotations
@@ -223,13 +226,23 @@ class LayerIndexBuilder:
         if self._error is not None:
             raise self._error
         self._done = True
-        self._guard(self._hasher.close)
+        for job in self._trimmer.flush() if self._trimmer is not None else ():
+            self._hasher.trim(job)
+        try:
+            self._hasher.close()
+        except LayerFormatError as exc:
+            parse_error: LayerFormatError | None = exc
+        else:
+            parse_error = None
         actual = "sha256:" + self._hasher.blob.hexdigest()
         if self._expected is not None and actual != self._expected:
+            # A wrong blob explains any format error too: report the mismatch first.
             self._error = DigestMismatch(
                 f"layer {self._expected} ({self._fed} bytes downloaded)", self._expected, actual
             )
             raise self._error
+        if parse_error is not None:
+            self._guard(_reraise, parse_error)
         self._name = self._tar.layer = actual
         self._guard(self._scanner.finish)
         entries = self._guard(self._tar.finish)

@@ -109,3 +109,19 @@ def test_bad_parameters_are_refused() -> None:
     """Zero spacing or span size is a ValueError."""
     with pytest.raises(ValueError, match="positive"):
         LayerIndexBuilder("m", LayerFormat.GZIP, gzip_spacing=0)
+
+
+def test_digest_mismatch_wins_over_format_errors() -> None:
+    """When the digest is known, a corrupt blob is reported as DigestMismatch, the root cause."""
+    blob = bytearray(make_tar([file_info("a", b"x" * 5000)]))
+    blob[0] ^= 1  # breaks the first header's checksum
+    with pytest.raises(DigestMismatch):
+        build_index("m", LayerFormat.TAR, [bytes(blob)], digest=sha(b"the real blob"))
+
+
+def test_last_checkpoints_get_trimmed_windows() -> None:
+    """Every windowed checkpoint, including those near the end of the blob, has its window trimmed."""
+    blob = gzip.compress(TAR)
+    index = build_index("m", LayerFormat.GZIP, [blob], gzip_spacing=32 << 10)
+    windowed = [p for p in index.seek_points if p.window]
+    assert windowed and all(p.window.count(0) > len(p.window) // 4 for p in windowed[-3:])
