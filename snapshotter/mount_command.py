@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
 from fusefs.mount import is_mounted, unmount
@@ -70,23 +71,28 @@ def spawn_daemon(argv: Sequence[str], root: str, mountpoint: str, console: Conso
             start_new_session=True,  # the daemon outlives this command and its terminal
         )
     os.close(write_fd)
-    with os.fdopen(read_fd, "r") as events:
+    with os.fdopen(read_fd, "r") as events, _progress(console) as progress:
+        downloads: dict[str, TaskID] = {}
         for line in events:
             event = json.loads(line)
             kind = event.get("event")
             if kind == "layer":
-                console.print(f"  layer {event['index']}: {event['digest'][:19]}  {event['how']}")
+                progress.console.print(f"  layer {event['index']}: {event['digest'][:19]}  {event['how']}")
             elif kind == "progress":
-                console.print(
-                    f"  ... {event['digest'][:19]} {event['done'] / 1e6:.1f}/{event['total'] / 1e6:.1f} MB"
-                )
+                # Only layers indexed during download report progress: a bar per blob being streamed.
+                digest = event["digest"]
+                if digest not in downloads:
+                    downloads[digest] = progress.add_task(f"indexing {digest[7:19]}", total=event["total"])
+                progress.update(downloads[digest], completed=event["done"])
             elif kind == "ready":
+                progress.stop()
                 console.print(
                     f"mounted {event['reference']} at {mountpoint} in {event['seconds']:.2f} s "
                     f"({event['bytes_fetched'] / 1e6:.2f} MB fetched of {event['image_size'] / 1e6:.2f} MB)"
                 )
                 return 0
             elif kind == "error":
+                progress.stop()
                 console.print(f"[red]lazysnap: {event['message']}[/red]")
                 process.wait(timeout=30)
                 return 1
@@ -98,6 +104,19 @@ def spawn_daemon(argv: Sequence[str], root: str, mountpoint: str, console: Conso
     for line in tail:
         console.print(f"  {line}", markup=False)
     return 1
+
+
+def _progress(console: Console) -> Progress:
+    """Download bars for layers that are indexed while they stream in; silent without a terminal."""
+    return Progress(
+        TextColumn("  {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
 
 
 def umount_command(root: str, mountpoint: str, timeout: float = 20.0) -> int:
