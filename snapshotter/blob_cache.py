@@ -29,9 +29,12 @@ FetchRange = Callable[[int, int], Awaitable[bytes]]
 # into one Range request even if a few present chunks in between are fetched again, because a
 # round trip costs more than re-reading a few KiB.
 MERGE_GAP_CHUNKS = 2
-# An on-demand read asks for at least this many bytes around the wanted range: small FUSE
-# reads of one file then do not each pay a round trip (stargz merges to ~50 KB, we go larger).
-MIN_FETCH_BYTES = 256 << 10
+# An on-demand read asks for at least this many bytes from the wanted range on, so small FUSE
+# reads of one file do not each pay a round trip (stargz merges to ~50 KB). Measured with
+# `import json` on the eStargz python image: 256 KiB fetched 9.2 MB in 24 requests, 128 KiB
+# 7.2 MB in 25, 64 KiB 6.4 MB in 27. Widening rarely reaches the next file a program opens, and
+# large reads are already large (kernel read-ahead), so one span is the better default.
+MIN_FETCH_BYTES = 64 << 10
 # Background fill requests at most this much per Range request, so an on-demand read never
 # waits behind a huge transfer for long.
 BACKGROUND_REQUEST_BYTES = 4 << 20
