@@ -171,8 +171,8 @@ def gzip_header_length(buf: bytes) -> int | None:
 class GzipScanner:
     """Inflates a gzip blob pushed in pieces, handing out the output and recording checkpoints.
 
-    Building (``start=None``): the blob starts with a member header; every member's CRC and
-    size are checked, and a checkpoint is recorded at a member start or block boundary once
+    Building (``start=None``): the blob starts with a member header; every member's size (and
+    CRC, unless ``check_crc=False`` because a blob digest covers it) is checked, and a checkpoint is recorded at a member start or block boundary once
     ``spacing`` output bytes have passed since the previous one (``spacing=0``: none).
     Reading (``start`` a checkpoint, fed blob bytes from ``start.compressed_offset``): resumes
     there; the first member's trailer can't be checked because its start was never seen.
