@@ -217,8 +217,11 @@ def has_image(host: str, name: str, tag: str) -> bool:
     import urllib.request
 
     request = urllib.request.Request(f"http://{host}/v2/{name}/manifests/{tag}", method="HEAD")
-    request.add_header("Accept", "application/vnd.oci.image.manifest.v1+json")
-    request.add_header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+    # One header: urllib keeps only the last value of a repeated add_header.
+    request.add_header(
+        "Accept",
+        "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+    )
     try:
         with urllib.request.urlopen(request, timeout=5):
             return True
