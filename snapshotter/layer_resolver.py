@@ -238,7 +238,8 @@ class LayerResolver:
         try:
             async for piece in self._client.stream_blob(self._reference, descriptor.digest):
                 blob.store_stream(offset, piece)
-                builder.feed(piece)
+                # feed() inflates and may wait for its worker thread: keep it off the trio loop.
+                await trio.to_thread.run_sync(builder.feed, piece)
                 offset += len(piece)
                 if progress is not None:
                     progress(descriptor.digest, offset, descriptor.size)
