@@ -1,0 +1,43 @@
+"""An optimized eStargz layer's files before ``.prefetch.landmark`` are fetched when the layer is opened."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from index.estargz import TOC_DIGEST_ANNOTATION
+from snapshotter.blob_cache import BlobCache
+from snapshotter.image_builder import Layer, file, push_image
+from snapshotter.index_store import IndexStore
+from snapshotter.layer_resolver import HOW_ESTARGZ, LayerResolver
+from snapshotter.registry_client import RegistryClient
+from tests.support.estargz_writer import build_estargz
+from tests.support.registry import TestRegistry
+
+HOT = [file(f"app/hot{i}.py", random.Random(i).randbytes(100_000)) for i in range(3)]
+COLD = [file("data/cold.bin", random.Random(9).randbytes(2 << 20))]
+
+
+async def _open_first_layer(
+    registry: TestRegistry, client: RegistryClient, tmp_path: Path, prefetch_count: int | None
+) -> tuple[int, int]:
+    """Push a hot-then-cold eStargz image and open its layer; return (bytes fetched, blob size)."""
+    written = build_estargz([*HOT, *COLD], prefetch_count=prefetch_count)
+    layer = Layer(written.tar, written.blob, "gzip", annotations={TOC_DIGEST_ANNOTATION: written.toc_digest})
+    pushed = await push_image(client, registry.ref("prefetch"), [layer])
+    resolver = LayerResolver(
+        client, pushed.reference, BlobCache(tmp_path / "cache"), IndexStore(tmp_path / "idx")
+    )
+    opened = await resolver.open_layer(pushed.layers[0], pushed.diff_ids[0])
+    assert opened.how == HOW_ESTARGZ
+    return opened.blob.stats.bytes_fetched, len(written.blob)
+
+
+async def test_prefetch_landmark_fetches_the_hot_files(
+    registry: TestRegistry, registry_client: RegistryClient, tmp_path: Path
+) -> None:
+    """With a landmark after the hot files, opening the layer fetches them, and not the cold file."""
+    fetched, size = await _open_first_layer(registry, registry_client, tmp_path / "a", prefetch_count=3)
+    without, _ = await _open_first_layer(registry, registry_client, tmp_path / "b", prefetch_count=0)
+    assert fetched >= without + 300_000  # the three hot files (incompressible)
+    assert fetched < size - (1 << 20)  # the 2 MiB cold file stays remote
