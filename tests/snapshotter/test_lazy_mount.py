@@ -193,7 +193,11 @@ def test_background_fetch_completes_and_verifies_the_layer(
     (mountpoint,) = directories(tmp_path, "mnt")
     cli.mount_ok(ref, mountpoint)
     deadline = time.monotonic() + 30
-    while not (stats := layer_stats(cli, mountpoint)[0])["verified"] and time.monotonic() < deadline:
+    # The blob digest is checked first, the DiffID (a whole decompression) after it: wait for both.
+    while time.monotonic() < deadline:
+        stats = layer_stats(cli, mountpoint)[0]
+        if stats["verified"] and stats["diff_id_verified"]:
+            break
         time.sleep(0.2)
     assert stats["verified"] and stats["diff_id_verified"], stats
     assert stats["bytes_present"] == len(layer.blob)
