@@ -33,8 +33,10 @@ fi
 stamp=.venv/.lazysnap-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing lazysnap and its dependencies into .venv"
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+  # This machine's pip config names local mirror folders that may be absent: hide those warnings only.
+  quiet_pip() { .venv/bin/pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+  quiet_pip --upgrade pip
+  quiet_pip -e '.[dev]'
   touch "$stamp"
 fi
 modprobe fuse 2>/dev/null || true
