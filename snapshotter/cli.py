@@ -271,7 +271,8 @@ def bench(
         plain_http=plain_http,
         workdir=Path(workdir) if workdir else None,
     )
-    sys.exit(run_bench(options, Console()))
+    # Logs and pipes get 80 columns by default, which truncates the tables; a terminal keeps its width.
+    sys.exit(run_bench(options, Console() if sys.stdout.isatty() else Console(width=130)))
 
 
 def _configure_logging(verbose: bool) -> None:

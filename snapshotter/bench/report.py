@@ -198,8 +198,9 @@ def write_png(path: Path, summary: Sequence[dict[str, Any]], title: str) -> None
         axes.set_xticks(range(len(images)), labels)
         axes.set_ylabel(ylabel)
         axes.grid(axis="y", alpha=0.3)
-    times.legend(fontsize="small")
+    handles, names = times.get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=min(len(modes), 5), fontsize="small")
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.08, 1, 1))  # room for the legend under the panels
     figure.savefig(path, dpi=110)
     plt.close(figure)
