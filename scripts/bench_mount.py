@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,11 +174,11 @@ class Bench:
             first = read_speed(path)  # fetches whatever the mount did not download already
             local = self.scratch / "local-big.bin"
             shutil.copyfile(path, local)
-            drop_caches()
-            cached = read_speed(path)
-            drop_caches()
-            disk = read_speed(local)
-            cached_hot = read_speed(path)  # the kernel's page cache (keep_cache) now holds it
+            # Medians of three, page cache dropped before each: the machine is shared and noisy.
+            cached = median_speed(path)
+            disk = median_speed(local)
+            read_speed(path)
+            cached_hot = read_speed(path)  # the kernel's page cache (keep_cache) holds it now
             local.unlink()
         row = {
             "how": info["layers"][0]["how"],
@@ -190,6 +191,15 @@ class Bench:
         }
         self.results["sequential_read"] = row
         return row
+
+
+def median_speed(path: Path, runs: int = 3) -> float:
+    """Median MB/s of ``runs`` sequential reads of ``path``, each after dropping the page cache."""
+    speeds = []
+    for _ in range(runs):
+        drop_caches()
+        speeds.append(read_speed(path))
+    return statistics.median(speeds)
 
 
 def read_speed(path: Path) -> float:
