@@ -177,11 +177,13 @@ class LayerResolver:
         """
         stored = self._store.get(descriptor.digest)
         if stored is not None:
-            return self._layer(descriptor, stored, HOW_STORED, "an index of this blob was stored earlier")
+            return await self._layer(
+                descriptor, stored, HOW_STORED, "an index of this blob was stored earlier"
+            )
         published = await self._published.get(descriptor, diff_id) if self._published is not None else None
         if published is not None:
             self._store.put(published)
-            layer = self._layer(descriptor, published, HOW_STORED, "an index published in the registry")
+            layer = await self._layer(descriptor, published, HOW_STORED, "an index published in the registry")
             assert self._published is not None
             layer.downloaded_bytes = self._published.bytes_fetched.get(descriptor.digest, 0)
             return layer
@@ -190,7 +192,7 @@ class LayerResolver:
             estargz = await self._try_estargz(descriptor)
             if estargz is not None:
                 self._store.put(estargz.index)
-                layer = self._layer(descriptor, estargz.index, HOW_ESTARGZ, _estargz_reason(descriptor))
+                layer = await self._layer(descriptor, estargz.index, HOW_ESTARGZ, _estargz_reason(descriptor))
                 await self._prefetch(layer, estargz.prefetch_end)
                 return layer
         if not allow_download:
@@ -200,12 +202,19 @@ class LayerResolver:
             )
         return await self._download_and_index(descriptor, fmt, diff_id, progress)
 
-    def _layer(self, descriptor: Descriptor, index: LayerIndex, how: str, reason: str) -> Layer:
+    async def _layer(self, descriptor: Descriptor, index: LayerIndex, how: str, reason: str) -> Layer:
         blob = self._open_blob(descriptor, index)
-        if not is_randomly_accessible(index) and not blob.complete:
-            how, reason = HOW_DOWNLOADED, "the blob has no seek points (single zstd frame): it is read whole"
-        reader = LayerReader(index, blob.read)
-        return Layer(descriptor, index, how, reason, blob, reader)
+        if is_randomly_accessible(index):
+            return Layer(descriptor, index, how, reason, blob, LayerReader(index, blob.read))
+        # No seek points (a single zstd frame): every read would inflate from the blob's start.
+        # Fetch it whole once, decompress it once to local disk, and read files straight from that.
+        reader = await _local_tar_reader(blob, index)
+        reason = (
+            "the blob has no seek points (single zstd frame): fetched whole, decompressed once to local disk"
+        )
+        layer = Layer(descriptor, index, HOW_DOWNLOADED, reason, blob, reader)
+        layer.diff_id_verified = True  # _local_tar_reader checked the tar against the index's DiffID
+        return layer
 
     async def _prefetch(self, layer: Layer, prefetch_end: int) -> None:
         """Fetch the files an optimized eStargz blob puts before its prefetch landmark, in one request.
@@ -270,10 +279,57 @@ class LayerResolver:
         blob.set_span_digests(index.span_digests)
         blob.mark_verified()
         self._store.put(index)
-        layer = self._layer(descriptor, index, HOW_DOWNLOADED, "no stored index and no TOC in the blob")
+        layer = await self._layer(descriptor, index, HOW_DOWNLOADED, "no stored index and no TOC in the blob")
         layer.downloaded_bytes = offset
         layer.diff_id_verified = bool(diff_id)
         return layer
+
+
+async def _local_tar_reader(blob: CachedBlob, index: LayerIndex) -> LayerReader:
+    """A reader of ``index``'s files from the blob's uncompressed tar, made once under the blob's cache dir.
+
+    Raises:
+        DigestMismatch: the blob or its tar does not match its digest or DiffID (nothing is kept).
+        FetchError: the blob could not be fetched.
+    """
+    if not blob.complete:
+        await blob.fill(yield_to_foreground=False)
+    if not blob.verified:
+        await blob.verify_whole()
+    tar_path = blob.directory / "uncompressed.tar"
+    if not tar_path.exists():
+        await trio.to_thread.run_sync(_decompress_once, blob.directory / "data", index, tar_path)
+    tar_fd = os.open(tar_path, os.O_RDONLY)  # held for the process's life, like the blob's own files
+
+    async def read_tar(offset: int, length: int) -> bytes:
+        return os.pread(tar_fd, length, offset)
+
+    plain = LayerIndex(
+        index.media_type,
+        LayerFormat.TAR,
+        index.digest,
+        index.uncompressed_size,
+        index.diff_id,
+        index.uncompressed_size,
+        index.entries,
+    )
+    return LayerReader(plain, read_tar)
+
+
+def _decompress_once(blob_path: os.PathLike[str], index: LayerIndex, tar_path: os.PathLike[str]) -> None:
+    """Write the uncompressed tar of a local blob, checked against the DiffID before it is kept."""
+    hasher = hashlib.sha256()
+    temporary = f"{os.fspath(tar_path)}.partial"
+    with open(blob_path, "rb") as raw, open(temporary, "wb") as out:
+        stream = open_tar_stream(raw, index.format)
+        while block := stream.read(4 << 20):
+            hasher.update(block)
+            out.write(block)
+    actual = "sha256:" + hasher.hexdigest()
+    if index.diff_id and actual != index.diff_id:
+        os.unlink(temporary)
+        raise DigestMismatch(f"layer {index.digest} (uncompressed tar)", index.diff_id, actual)
+    os.replace(temporary, tar_path)
 
 
 class ChainSource:
