@@ -59,7 +59,8 @@ BIG_SIZE = 256 << 20
 WORKLOAD = "python3 -c 'import json'"
 READ_BLOCK = 1 << 20
 
-console = Console()
+# Logs and pipes get 80 columns by default, which squeezes the table; a terminal keeps its width.
+console = Console() if sys.stdout.isatty() else Console(width=130)
 
 
 class Bench:
