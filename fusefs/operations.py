@@ -102,8 +102,13 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         self._dirs: dict[int, list[tuple[bytes, _Tree | None, Node | None]]] = {}
         self._next_fh = 1
         self._live = False
+        # A single tree without any xattr answers getxattr with ENOSYS: the kernel then stops asking
+        # for the rest of the mount (it never caches "no such attribute"), which made `ls -lR` send
+        # one getxattr per file to this daemon. A forest can't: a tree added later may have xattrs.
+        self._xattrs_unsupported = False
         if tree is not None and source is not None:
             self._insert(_Tree("", tree, source, pyfuse3.ROOT_INODE))
+            self._xattrs_unsupported = not any(node.entry.xattrs for _, node in tree.walk())
 
     # -- forest management -------------------------------------------------------------
 
@@ -235,7 +240,9 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         return os.fsencode(node.entry.link_target)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        """One extended attribute; raises FUSEError(ENOATTR) when absent."""
+        """One extended attribute; raises FUSEError(ENOATTR) when absent, ENOSYS when no file has any."""
+        if self._xattrs_unsupported:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if not self._is_forest_root(inode):
             _, node = self._resolve(inode)
             value = node.entry.xattrs.get(os.fsdecode(name))

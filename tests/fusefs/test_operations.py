@@ -105,6 +105,18 @@ def test_readlink_and_xattrs(mountpoint: Path) -> None:
         assert info.value.errno == errno.ENODATA
 
 
+def test_a_tree_without_xattrs_tells_the_kernel_once(mountpoint: Path) -> None:
+    """With no xattr anywhere, getxattr is unsupported for the whole mount, so the kernel stops asking."""
+    tree = MergedTree.build([[Entry("", T.DIR, 0o755), Entry("f", T.FILE, 0o644, size=2)]])
+    with serve(ReadOnlyOperations(tree, MemorySource({(0, "f"): b"hi"})), mountpoint):
+        for _ in range(2):
+            with pytest.raises(OSError) as info:
+                os.getxattr(mountpoint / "f", "security.selinux")
+            assert info.value.errno == errno.EOPNOTSUPP
+        assert os.listxattr(mountpoint / "f") == []
+        assert (mountpoint / "f").read_bytes() == b"hi"
+
+
 def test_hardlinks_share_inode(mountpoint: Path) -> None:
     """Two names of a hardlink have the same st_ino, nlink 2 and the same content."""
     tree, source = image()
