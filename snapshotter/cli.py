@@ -112,38 +112,19 @@ def mount(
                 reference, mountpoint, root, plain_http=plain_http, docker_config_path=docker_config
             )
         )
-    if foreground or status_fd is not None:
-        from snapshotter.mount_daemon import MountOptions, run_mount_daemon
+    from snapshotter.mount_daemon import MountOptions, run_mount_daemon
 
-        options = MountOptions(
-            reference=reference,
-            mountpoint=os.path.realpath(mountpoint),
-            root=root,
-            plain_http=plain_http,
-            background_fetch=not no_background_fetch,
-            docker_config_path=docker_config,
-        )
+    options = MountOptions(
+        reference=reference,
+        mountpoint=os.path.realpath(mountpoint),
+        root=root,
+        plain_http=plain_http,
+        background_fetch=not no_background_fetch,
+        docker_config_path=docker_config,
+    )
+    if foreground or status_fd is not None:
         sys.exit(run_mount_daemon(options, status_fd))
-    argv = [
-        sys.executable,
-        "-m",
-        "snapshotter.cli",
-        "mount",
-        "--foreground",
-        "--root",
-        root,
-        reference,
-        mountpoint,
-    ]
-    if plain_http:
-        argv.append("--plain-http")
-    if no_background_fetch:
-        argv.append("--no-background-fetch")
-    if docker_config:
-        argv += ["--docker-config", docker_config]
-    if verbose:
-        argv.append("--verbose")
-    sys.exit(spawn_daemon(argv, root, mountpoint, Console(stderr=True)))
+    sys.exit(spawn_daemon(options, Console(stderr=True)))
 
 
 @cli.command()

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from rich.table import Table
 
 from fusefs.mount import is_mounted, unmount
 from snapshotter.errors import UsageError
+from snapshotter.mount_daemon import MountOptions, run_mount_daemon
 from snapshotter.mount_state import (
     MountNotFound,
     pid_alive,
@@ -54,22 +54,27 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountPointError(f"{mountpoint}: directory is not empty; mount on an empty directory")
 
 
-def spawn_daemon(argv: Sequence[str], root: str, mountpoint: str, console: Console) -> int:
-    """Start ``argv`` (a foreground mount) detached, show its progress, return once it is ready.
+def spawn_daemon(options: MountOptions, console: Console) -> int:
+    """Fork a mount daemon for ``options``, show its progress, return once the image is mounted.
 
+    The daemon is forked rather than started as a new interpreter: the imports it needs are
+    already loaded here, which saves about half a second before the mount is ready.
     Returns the exit code for the CLI: 0 when the image is mounted, 1 when the daemon failed.
     """
-    log_path = state_dir(root) / f"{Path(mountpoint).name or 'root'}-{os.getpid()}.log"
+    log_path = state_dir(options.root) / f"{Path(options.mountpoint).name or 'root'}-{os.getpid()}.log"
     read_fd, write_fd = os.pipe()
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            [*argv, "--status-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            pass_fds=(write_fd,),
-            start_new_session=True,  # the daemon outlives this command and its terminal
-        )
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        _become_daemon(log_path)
+        code = 1
+        try:
+            code = run_mount_daemon(options, write_fd)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    mountpoint = options.mountpoint
     os.close(write_fd)
     with os.fdopen(read_fd, "r") as events, _progress(console) as progress:
         downloads: dict[str, TaskID] = {}
@@ -94,9 +99,9 @@ def spawn_daemon(argv: Sequence[str], root: str, mountpoint: str, console: Conso
             elif kind == "error":
                 progress.stop()
                 console.print(f"[red]lazysnap: {event['message']}[/red]")
-                process.wait(timeout=30)
+                os.waitpid(pid, 0)
                 return 1
-    code = process.wait(timeout=30)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     tail = log_path.read_text(errors="replace").splitlines()[-15:]
     console.print(
         f"[red]lazysnap: the mount daemon exited ({code}) before the image was mounted; log {log_path}:[/red]"
@@ -104,6 +109,18 @@ def spawn_daemon(argv: Sequence[str], root: str, mountpoint: str, console: Conso
     for line in tail:
         console.print(f"  {line}", markup=False)
     return 1
+
+
+def _become_daemon(log_path: Path) -> None:
+    """Detach the forked child: own session (it outlives the terminal), stdio to the log file."""
+    os.setsid()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(null_fd)
+    os.close(log_fd)
 
 
 def _progress(console: Console) -> Progress:
