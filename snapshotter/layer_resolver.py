@@ -67,6 +67,7 @@ class Layer:
     reader: LayerReader
     downloaded_bytes: int = 0
     diff_id_verified: bool = False
+    unpacked: bool = False  # reads come from a verified local copy of the uncompressed tar
 
     async def read(self, entry: Entry, offset: int, length: int) -> bytes:
         """Return ``length`` bytes of a regular file at ``offset`` (fewer at EOF).
@@ -119,6 +120,7 @@ class Layer:
             "integrity_failures": blob_stats.integrity_failures,
             "verified": self.blob.verified,
             "diff_id_verified": self.diff_id_verified,
+            "unpacked": self.unpacked,
             "entries": len(self.index.entries),
         }
 
@@ -213,7 +215,7 @@ class LayerResolver:
             "the blob has no seek points (single zstd frame): fetched whole, decompressed once to local disk"
         )
         layer = Layer(descriptor, index, HOW_DOWNLOADED, reason, blob, reader)
-        layer.diff_id_verified = True  # _local_tar_reader checked the tar against the index's DiffID
+        layer.diff_id_verified = layer.unpacked = True  # _local_tar_reader checked the tar's DiffID
         return layer
 
     async def _prefetch(self, layer: Layer, prefetch_end: int) -> None:
@@ -365,6 +367,23 @@ async def verify_layer(layer: Layer, diff_id: str) -> None:
     """
     if not layer.blob.verified:
         await layer.blob.verify_whole()
+    if layer.index.format in (LayerFormat.GZIP, LayerFormat.ZSTD) and not layer.unpacked:
+        # Checking the DiffID decompresses the whole blob anyway: keep the tar it yields, so that
+        # from now on a read is a pread instead of inflating a span (the decompressed-span cache
+        # on disk; it costs the layer's uncompressed size, as an eager unpack would).
+        if diff_id and layer.index.diff_id != diff_id:
+            layer.blob.reset()
+            raise DigestMismatch(
+                f"layer {layer.descriptor.digest} (its index's DiffID)", diff_id, layer.index.diff_id
+            )
+        try:
+            layer.reader = await _local_tar_reader(layer.blob, layer.index)
+        except DigestMismatch:
+            layer.blob.reset()
+            raise
+        layer.unpacked = True
+        layer.diff_id_verified = bool(layer.index.diff_id)
+        return
     if diff_id and not layer.diff_id_verified:
         actual = await trio.to_thread.run_sync(_diff_id_of, layer.blob.directory / "data", layer.index.format)
         if actual != diff_id:

@@ -178,6 +178,10 @@ class MountDaemon:
             self.status.close()
             if options.background_fetch:
                 nursery.start_soon(self._background_fetch)
+            else:
+                # Layers already complete (streamed while indexed) need no registry to be verified
+                # and unpacked locally, so that is done even without background fetch.
+                nursery.start_soon(self._background_fetch, True)
             await self._wait_unmounted(nursery)
 
     async def _wait_unmounted(self, nursery: trio.Nursery) -> None:
@@ -196,11 +200,13 @@ class MountDaemon:
                 await trio.to_thread.run_sync(unmount, self.options.mountpoint)
                 return
 
-    async def _background_fetch(self) -> None:
-        """Fetch the rest of every layer at low priority, then verify it whole."""
+    async def _background_fetch(self, complete_only: bool = False) -> None:
+        """Fetch the rest of every layer at low priority (or only take complete ones), then verify it whole."""
         assert self.image is not None
         for number, layer in enumerate(self.layers):
             diff_id = self.image.diff_ids[number] if number < len(self.image.diff_ids) else ""
+            if complete_only and not layer.blob.complete:
+                continue
             try:
                 await layer.blob.fill()
                 await verify_layer(layer, diff_id)

@@ -12,7 +12,13 @@ import pytest
 from index.model import EntryType
 from snapshotter.blob_cache import BlobCache
 from snapshotter.index_store import IndexStore
-from snapshotter.layer_resolver import HOW_DOWNLOADED, HOW_STORED, LayerResolver, NotServedLazily
+from snapshotter.layer_resolver import (
+    HOW_DOWNLOADED,
+    HOW_STORED,
+    LayerResolver,
+    NotServedLazily,
+    verify_layer,
+)
 from snapshotter.registry_client import RegistryClient
 from tests.support.image_builder import directory, file, make_layer, push_image
 from tests.support.registry import TestRegistry
@@ -79,5 +85,26 @@ async def test_a_layer_without_an_index_is_not_downloaded_when_downloads_are_off
         with pytest.raises(NotServedLazily, match="lazysnap index push"):
             await resolver.open_layer(pushed.layers[0], allow_download=False)
         assert IndexStore(tmp_path / "indexes").get(pushed.layers[0].digest) is None
+    finally:
+        cache.close()
+
+
+async def test_verifying_a_complete_gzip_layer_keeps_its_tar_for_reads(
+    registry: TestRegistry, registry_client: RegistryClient, tmp_path: Path
+) -> None:
+    """Once a gzip layer is verified whole, reads come from the kept tar and still return the same bytes."""
+    files = {f"d/{i}": bytes([i]) * (300_000 + i) for i in range(8)}
+    layer = make_layer([directory("d"), *(file(p, c) for p, c in files.items())], "gzip")
+    pushed = await push_image(registry_client, registry.ref("unpack"), [layer])
+    cache = BlobCache(tmp_path / "cache")
+    resolver = LayerResolver(registry_client, pushed.reference, cache, IndexStore(tmp_path / "indexes"))
+    try:
+        served = await resolver.open_layer(pushed.layers[0], pushed.diff_ids[0])
+        assert not served.unpacked
+        await verify_layer(served, pushed.diff_ids[0])
+        assert served.unpacked and served.diff_id_verified and served.blob.verified
+        for entry in served.index.entries:
+            if entry.type is EntryType.FILE:
+                assert await served.read(entry, 7, 250_000) == files[entry.path][7:250_007]
     finally:
         cache.close()
