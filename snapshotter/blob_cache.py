@@ -22,6 +22,7 @@ import trio
 
 from index.errors import DigestMismatch
 from snapshotter.errors import TruncatedResponse
+from snapshotter.reference import sha256_hex
 
 FetchRange = Callable[[int, int], Awaitable[bytes]]
 
@@ -414,10 +415,7 @@ class BlobCache:
 
     def blob_dir(self, digest: str) -> Path:
         """Where a blob's files live (the digest is validated so it can't name another path)."""
-        algorithm, _, hexpart = digest.partition(":")
-        if algorithm != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
-            raise ValueError(f"not a sha256 digest: {digest!r}")
-        return self.root / algorithm / hexpart
+        return self.root / "sha256" / sha256_hex(digest)
 
     def open(
         self,

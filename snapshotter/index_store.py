@@ -9,6 +9,7 @@ from pathlib import Path
 from index.errors import LayerFormatError
 from index.model import LayerIndex
 from index.serialize import load_index_file, save_index
+from snapshotter.reference import sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,7 @@ class IndexStore:
         Raises:
             ValueError: ``digest`` is not a sha256 digest.
         """
-        algorithm, _, hexpart = digest.partition(":")
-        if algorithm != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
-            raise ValueError(f"not a sha256 digest: {digest!r}")
-        return self.root / algorithm / f"{hexpart}.idx"
+        return self.root / "sha256" / f"{sha256_hex(digest)}.idx"
 
     def get(self, digest: str) -> LayerIndex | None:
         """Return the stored index of a blob, or None; a corrupt or old-version file is dropped and logged."""

@@ -21,6 +21,7 @@ _HOST = re.compile(
 )
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _DIGEST = re.compile(r"(?P<algorithm>[a-z0-9]+(?:[+._-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]{32,})")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _DIGEST_HEX_LENGTH = {"sha256": 64, "sha384": 96, "sha512": 128}
 _MAX_NAME_LENGTH = 255
 
@@ -62,6 +63,18 @@ class Reference:
         if tag is not None and not _TAG.fullmatch(tag):
             raise InvalidReference(f"invalid tag {tag!r} for {self.name}: use letters, digits, '_', '.', '-'")
         return replace(self, tag=tag, digest=None)
+
+
+def sha256_hex(digest: str) -> str:
+    """Return the hex part of a ``sha256:<64 lowercase hex>`` digest, safe to use as a file name.
+
+    Raises:
+        ValueError: ``digest`` is anything else (so it can never name another path).
+    """
+    algorithm, _, hex_part = digest.partition(":")
+    if algorithm != "sha256" or not _SHA256_HEX.fullmatch(hex_part):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return hex_part
 
 
 def validate_digest(digest: str, context: str) -> str:

@@ -30,7 +30,7 @@ from snapshotter.config import Config
 from snapshotter.index_artifacts import PublishedIndexes
 from snapshotter.index_store import IndexStore
 from snapshotter.layer_resolver import ChainSource, Layer, LayerResolver, verify_layer
-from snapshotter.reference import parse_reference
+from snapshotter.reference import parse_reference, sha256_hex
 from snapshotter.registry_client import Descriptor, RegistryClient, ResolvedImage
 from snapshotter.registry_http import RetryPolicy
 from snapshotter.snapshot_service import RemoteLayers
@@ -264,10 +264,10 @@ class FuseRemoteLayers(RemoteLayers):
 
 
 def _hex(chain_id: str) -> str:
-    algorithm, _, hexpart = chain_id.partition(":")
-    if algorithm != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
-        raise LazysnapError(f"not a sha256 chain id: {chain_id!r}")
-    return hexpart
+    try:
+        return sha256_hex(chain_id)
+    except ValueError:
+        raise LazysnapError(f"not a sha256 chain id: {chain_id!r}") from None
 
 
 @asynccontextmanager
