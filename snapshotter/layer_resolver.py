@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import trio
 
@@ -177,14 +178,16 @@ class LayerResolver:
             LayerFormatError, IntegrityError: the blob is malformed or does not match its digest.
             RegistryError, FetchError: the registry could not serve what was needed.
         """
-        stored = self._store.get(descriptor.digest)
+        # Loading and saving indexes is CPU work (thousands of entries, compressed windows): keep it
+        # off the trio loop, where other layers are being opened at the same time.
+        stored = await trio.to_thread.run_sync(self._store.get, descriptor.digest)
         if stored is not None:
             return await self._layer(
                 descriptor, stored, HOW_STORED, "an index of this blob was stored earlier"
             )
         published = await self._published.get(descriptor, diff_id) if self._published is not None else None
         if published is not None:
-            self._store.put(published)
+            await trio.to_thread.run_sync(self._store.put, published)
             layer = await self._layer(descriptor, published, HOW_STORED, "an index published in the registry")
             assert self._published is not None
             layer.downloaded_bytes = self._published.bytes_fetched.get(descriptor.digest, 0)
@@ -193,7 +196,7 @@ class LayerResolver:
         if fmt is LayerFormat.GZIP:
             estargz = await self._try_estargz(descriptor)
             if estargz is not None:
-                self._store.put(estargz.index)
+                await trio.to_thread.run_sync(self._store.put, estargz.index)
                 layer = await self._layer(descriptor, estargz.index, HOW_ESTARGZ, _estargz_reason(descriptor))
                 await self._prefetch(layer, estargz.prefetch_end)
                 return layer
@@ -280,7 +283,7 @@ class LayerResolver:
             raise DigestMismatch(f"layer {descriptor.digest} (uncompressed tar)", diff_id, index.diff_id)
         blob.set_span_digests(index.span_digests)
         blob.mark_verified()
-        self._store.put(index)
+        await trio.to_thread.run_sync(self._store.put, index)
         layer = await self._layer(descriptor, index, HOW_DOWNLOADED, "no stored index and no TOC in the blob")
         layer.downloaded_bytes = offset
         layer.diff_id_verified = bool(diff_id)
@@ -320,14 +323,9 @@ async def _local_tar_reader(blob: CachedBlob, index: LayerIndex) -> LayerReader:
 
 def _decompress_once(blob_path: os.PathLike[str], index: LayerIndex, tar_path: os.PathLike[str]) -> None:
     """Write the uncompressed tar of a local blob, checked against the DiffID before it is kept."""
-    hasher = hashlib.sha256()
     temporary = f"{os.fspath(tar_path)}.partial"
-    with open(blob_path, "rb") as raw, open(temporary, "wb") as out:
-        stream = open_tar_stream(raw, index.format)
-        while block := stream.read(4 << 20):
-            hasher.update(block)
-            out.write(block)
-    actual = "sha256:" + hasher.hexdigest()
+    with open(temporary, "wb") as out:
+        actual = _diff_id_of(blob_path, index.format, copy_to=out)
     if index.diff_id and actual != index.diff_id:
         os.unlink(temporary)
         raise DigestMismatch(f"layer {index.digest} (uncompressed tar)", index.diff_id, actual)
@@ -392,13 +390,15 @@ async def verify_layer(layer: Layer, diff_id: str) -> None:
         layer.diff_id_verified = True
 
 
-def _diff_id_of(path: os.PathLike[str], fmt: LayerFormat) -> str:
-    """sha256 of the uncompressed tar of a local blob."""
+def _diff_id_of(path: os.PathLike[str], fmt: LayerFormat, copy_to: BinaryIO | None = None) -> str:
+    """sha256 of the uncompressed tar of a local blob, also written to ``copy_to`` when given."""
     hasher = hashlib.sha256()
     with open(path, "rb") as raw:
         stream = open_tar_stream(raw, fmt)
         while block := stream.read(4 << 20):
             hasher.update(block)
+            if copy_to is not None:
+                copy_to.write(block)
     return "sha256:" + hasher.hexdigest()
 
 

@@ -153,7 +153,7 @@ class MountDaemon:
         tree = MergedTree.build([layer.index.entries for layer in self.layers])
         operations = ReadOnlyOperations(tree, ChainSource(self.layers))
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_filesystem, operations, options.mountpoint)
+            await nursery.start(self._filesystem, operations, nursery)
             self.ready_seconds = time.monotonic() - self.started
             nursery.start_soon(self._serve_control, control_socket_path(options.root, options.mountpoint))
             nursery.start_soon(self._unmount_on_signal)
@@ -182,16 +182,16 @@ class MountDaemon:
                 # Layers already complete (streamed while indexed) need no registry to be verified
                 # and unpacked locally, so that is done even without background fetch.
                 nursery.start_soon(self._background_fetch, True)
-            await self._wait_unmounted(nursery)
 
-    async def _wait_unmounted(self, nursery: trio.Nursery) -> None:
-        """Return when the filesystem task ended (unmounted), cancelling the helpers."""
-        # run_filesystem returns when the kernel unmounts us; the nursery then only holds helpers.
-        while True:
-            await trio.sleep(0.2)
-            if not any(task.name.endswith("run_filesystem") for task in nursery.child_tasks):
-                nursery.cancel_scope.cancel()
-                return
+    async def _filesystem(
+        self,
+        operations: ReadOnlyOperations,
+        nursery: trio.Nursery,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the mount until the kernel unmounts it, then cancel the helpers beside it."""
+        await run_filesystem(operations, self.options.mountpoint, task_status=task_status)
+        nursery.cancel_scope.cancel()
 
     async def _unmount_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
