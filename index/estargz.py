@@ -29,8 +29,8 @@ import re
 import struct
 import tarfile
 import zlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from index.errors import DigestMismatch, LayerFormatError, UnsafePath
@@ -263,22 +263,60 @@ def parse_modtime(text: str) -> int:
     return (int(stamp.timestamp()) * 1_000_000_000) + nanos
 
 
-def _int(record: Mapping[str, Any], key: str) -> int:
-    value = record.get(key, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{key} is not a non-negative integer: {value!r}")
-    return value
+# The TOC fields read here and the JSON type each must have; integers must also be >= 0. A record
+# is checked once against this table, so building its entry reads values without further checks.
+_FIELD_TYPES: dict[str, type] = {
+    **dict.fromkeys(("name", "type", "linkName", "modtime", "userName", "groupName", "chunkDigest"), str),
+    **dict.fromkeys(
+        (
+            "mode",
+            "uid",
+            "gid",
+            "size",
+            "devMajor",
+            "devMinor",
+            "offset",
+            "chunkOffset",
+            "chunkSize",
+            "innerOffset",
+        ),
+        int,
+    ),
+}
 
 
-def _str(record: Mapping[str, Any], key: str) -> str:
-    value = record.get(key, "")
-    if not isinstance(value, str):
-        raise ValueError(f"{key} is not a string: {value!r}")
-    return value
+def _checked(record: Any) -> Mapping[str, Any]:
+    """Return a TOC record whose known fields have their types; raises ValueError."""
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise ValueError(f"not a TOC entry: {record!r}")
+    for key, value in record.items():
+        expected = _FIELD_TYPES.get(key)
+        # type() rather than isinstance(): JSON true/false are bools, which isinstance counts as ints.
+        if expected is not None and (type(value) is not expected or (expected is int and value < 0)):
+            what = "a non-negative integer" if expected is int else "a string"
+            raise ValueError(f"{key} is not {what}: {value!r}")
+    return record
+
+
+def _records(toc: Any) -> list[Mapping[str, Any]]:
+    if not isinstance(toc, dict) or toc.get("version") != 1 or not isinstance(toc.get("entries"), list):
+        raise ValueError("not a version 1 TOC with an entries list")
+    return [_checked(record) for record in toc["entries"]]
+
+
+def _normalize(name: str) -> str:
+    """``normalize_path(name)``, without its work for the usual TOC name (``./usr/bin/python3``)."""
+    path = (name[2:] if name.startswith("./") else name).rstrip("/")
+    # No empty, "." or ".." component and no NUL: normalizing would return the path unchanged.
+    if path.startswith((".", "/")) or "/." in path or "//" in path or "\x00" in path:
+        return normalize_path(name)
+    return path
 
 
 def _xattrs(record: Mapping[str, Any]) -> dict[str, bytes]:
-    raw = record.get("xattrs") or {}
+    raw = record.get("xattrs")
+    if not raw:
+        return {}
     if not isinstance(raw, dict):
         raise ValueError("xattrs is not an object")
     try:
@@ -287,82 +325,19 @@ def _xattrs(record: Mapping[str, Any]) -> dict[str, bytes]:
         raise ValueError(f"xattr value is not base64: {exc}") from None
 
 
-def _records(toc: Any) -> Iterator[Mapping[str, Any]]:
-    if not isinstance(toc, dict) or toc.get("version") != 1 or not isinstance(toc.get("entries"), list):
-        raise ValueError("not a version 1 TOC with an entries list")
-    for record in toc["entries"]:
-        if not isinstance(record, dict) or not isinstance(record.get("name"), str):
-            raise ValueError(f"not a TOC entry: {record!r}")
-        yield record
-
-
 def _member_ends(records: list[Mapping[str, Any]], toc_offset: int) -> dict[int, int]:
     """Map each gzip member start that holds file data to the next member start (or the TOC)."""
-    starts = sorted({_int(r, "offset") for r in records if r.get("type") == "chunk" or _int(r, "size") > 0})
+    starts = sorted({r.get("offset", 0) for r in records if r.get("type") == "chunk" or r.get("size", 0) > 0})
     if starts and starts[-1] >= toc_offset:
         raise ValueError(f"chunk offset {starts[-1]} lies at or after the TOC ({toc_offset})")
     return dict(zip(starts, [*starts[1:], toc_offset], strict=False))
-
-
-class _FileBuilder:
-    """Collects a regular file's ``reg`` entry and its ``chunk`` continuation entries."""
-
-    def __init__(self, entry: Entry) -> None:
-        self.entry = entry
-        self.chunks: list[Chunk] = []
-
-    def add(self, record: Mapping[str, Any], ends: Mapping[int, int]) -> None:
-        start = _int(record, "chunkOffset")
-        expected = self.chunks[-1].file_offset + self.chunks[-1].size if self.chunks else 0
-        if start != expected:
-            raise ValueError(f"chunk of {self.entry.path!r} starts at {start}, expected {expected}")
-        # chunkSize 0 means "to the end of the file" (the last or only chunk).
-        size = _int(record, "chunkSize") or self.entry.size - start
-        if size <= 0 or start + size > self.entry.size:
-            raise ValueError(f"chunk of {self.entry.path!r} at {start} size {size} exceeds the file")
-        offset = _int(record, "offset")
-        digest = _str(record, "chunkDigest")
-        self.chunks.append(Chunk(start, size, offset, ends[offset], _int(record, "innerOffset"), digest))
-
-    def finish(self) -> Entry:
-        if self.entry.size and (
-            not self.chunks or self.chunks[-1].file_offset + self.chunks[-1].size != self.entry.size
-        ):
-            raise ValueError(f"the chunks of {self.entry.path!r} do not cover its {self.entry.size} bytes")
-        return replace(self.entry, chunks=tuple(self.chunks))
-
-
-def _entry(record: Mapping[str, Any]) -> Entry:
-    kind = _TYPES.get(_str(record, "type"))
-    if kind is None:
-        raise ValueError(f"unknown entry type {record.get('type')!r}")
-    link = _str(record, "linkName")
-    modtime = _str(record, "modtime")
-    path = normalize_path(_str(record, "name"))
-    if not path and kind is not EntryType.DIR:
-        raise UnsafePath(f"entry {record['name']!r} of type {kind.value} would replace the layer root")
-    return Entry(
-        path=path,
-        type=kind,
-        mode=_int(record, "mode") & 0o7777,
-        uid=_int(record, "uid"),
-        gid=_int(record, "gid"),
-        uname=_str(record, "userName"),
-        gname=_str(record, "groupName"),
-        size=_int(record, "size") if kind is EntryType.FILE else 0,
-        mtime_ns=parse_modtime(modtime) if modtime else 0,
-        link_target=normalize_path(link) if kind is EntryType.HARDLINK else link,
-        xattrs=_xattrs(record),
-        devmajor=_int(record, "devMajor"),
-        devminor=_int(record, "devMinor"),
-    )
 
 
 def _build(
     toc_json: bytes, toc_offset: int, blob_size: int, digest: str, media_type: str, actual: str
 ) -> EstargzLayer:
     try:
-        records = list(_records(json.loads(toc_json)))
+        records = _records(json.loads(toc_json))
         entries, prefetch_count, prefetch_end = _entries(records, toc_offset)
     except UnsafePath as exc:
         raise UnsafePath(f"layer {digest}: {exc}") from None
@@ -382,39 +357,101 @@ def _build(
 
 
 def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[Entry], int | None, int]:
+    """Turn checked TOC records into entries (one constructor call each); raises ValueError, UnsafePath."""
     ends = _member_ends(records, toc_offset)
     entries: list[Entry] = []
-    building: _FileBuilder | None = None
     prefetch_count: int | None = None
     prefetch_end = 0
     seen: dict[str, EntryType] = {}
-    for record in records:
-        kind = _str(record, "type")
-        if kind == "chunk":
-            if building is None or normalize_path(_str(record, "name")) != building.entry.path:
-                raise ValueError(f"chunk entry {record['name']!r} does not follow its file")
-            building.add(record, ends)
-            continue
-        if building is not None:
-            entries.append(building.finish())
-            building = None
-        path = normalize_path(_str(record, "name"))
+    modtimes: dict[str, int] = {}  # a layer's files share a few hundred distinct times
+    position = 0
+    while position < len(records):
+        record = records[position]
+        position += 1
+        path = _normalize(record["name"])
+        if record.get("type") == "chunk":
+            raise ValueError(f"chunk entry {record['name']!r} does not follow its file")
         if path in _BOOKKEEPING:
             if path == PREFETCH_LANDMARK:
-                prefetch_count, prefetch_end = len(entries), _int(record, "offset")
+                prefetch_count, prefetch_end = len(entries), record.get("offset", 0)
             elif path == NO_PREFETCH_LANDMARK:
                 prefetch_count = 0
             continue
-        entry = _entry(record)
-        if entry.type is EntryType.HARDLINK and seen.get(entry.link_target, EntryType.DIR) is EntryType.DIR:
-            # As for tar layers: a hardlink may only name an earlier non-directory of this layer.
-            raise UnsafePath(f"hardlink {entry.path!r} points to {entry.link_target!r}, not an earlier file")
-        seen[entry.path] = entry.type
-        if entry.type is EntryType.FILE and entry.size > 0:
-            building = _FileBuilder(entry)
-            building.add(record, ends)
-        else:
-            entries.append(entry)
-    if building is not None:
-        entries.append(building.finish())
+        kind = _TYPES.get(record.get("type", ""))
+        if kind is None:
+            raise ValueError(f"unknown entry type {record.get('type')!r}")
+        if not path and kind is not EntryType.DIR:
+            raise UnsafePath(f"entry {record['name']!r} of type {kind.value} would replace the layer root")
+        link = record.get("linkName", "")
+        if kind is EntryType.HARDLINK:
+            link = normalize_path(link)
+            if seen.get(link, EntryType.DIR) is EntryType.DIR:
+                # As for tar layers: a hardlink may only name an earlier non-directory of this layer.
+                raise UnsafePath(f"hardlink {path!r} points to {link!r}, not an earlier file")
+        seen[path] = kind
+        size = record.get("size", 0) if kind is EntryType.FILE else 0
+        chunks: tuple[Chunk, ...] = ()
+        if size:
+            chunks, position = _file_chunks(records, position - 1, path, size, ends)
+        modtime = record.get("modtime", "")
+        mtime_ns = modtimes.get(modtime)
+        if mtime_ns is None:
+            mtime_ns = modtimes[modtime] = parse_modtime(modtime) if modtime else 0
+        entries.append(
+            Entry(
+                path=path,
+                type=kind,
+                mode=record.get("mode", 0) & 0o7777,
+                uid=record.get("uid", 0),
+                gid=record.get("gid", 0),
+                uname=record.get("userName", ""),
+                gname=record.get("groupName", ""),
+                size=size,
+                mtime_ns=mtime_ns,
+                link_target=link,
+                xattrs=_xattrs(record),
+                devmajor=record.get("devMajor", 0),
+                devminor=record.get("devMinor", 0),
+                chunks=chunks,
+            )
+        )
     return entries, prefetch_count, prefetch_end
+
+
+def _file_chunks(
+    records: list[Mapping[str, Any]], first: int, path: str, size: int, ends: Mapping[int, int]
+) -> tuple[tuple[Chunk, ...], int]:
+    """The chunks of the file whose ``reg`` record is ``records[first]`` (it and the ``chunk`` records
+    after it), and the position of the next record; raises ValueError unless they cover the file."""
+    chunks: list[Chunk] = []
+    covered = 0
+    position = first
+    while True:
+        record = records[position]
+        start = record.get("chunkOffset", 0)
+        if start != covered:
+            raise ValueError(f"chunk of {path!r} starts at {start}, expected {covered}")
+        # chunkSize 0 means "to the end of the file" (the last or only chunk).
+        length = record.get("chunkSize", 0) or size - start
+        if length <= 0 or start + length > size:
+            raise ValueError(f"chunk of {path!r} at {start} size {length} exceeds the file")
+        offset = record.get("offset", 0)
+        chunks.append(
+            Chunk(
+                start,
+                length,
+                offset,
+                ends[offset],
+                record.get("innerOffset", 0),
+                record.get("chunkDigest", ""),
+            )
+        )
+        covered = start + length
+        position += 1
+        if position == len(records) or records[position].get("type") != "chunk":
+            break
+        if _normalize(records[position]["name"]) != path:
+            raise ValueError(f"chunk entry {records[position]['name']!r} does not follow its file")
+    if covered != size:
+        raise ValueError(f"the chunks of {path!r} do not cover its {size} bytes")
+    return tuple(chunks), position

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from index.errors import DigestMismatch, LayerFormatError, UnsafePath
 from index.estargz import (
     EstargzError,
+    _normalize,
     is_estargz,
     parse_footer,
     parse_modtime,
@@ -449,3 +450,15 @@ def test_parse_modtime() -> None:
     assert parse_modtime("1970-01-01T00:00:01.000000005Z") == 10**9 + 5
     with pytest.raises(ValueError):
         parse_modtime("yesterday")
+
+
+@given(st.text(alphabet="a./\x00", max_size=12))
+def test_toc_names_normalize_as_tar_names(name: str) -> None:
+    """A TOC name becomes the path the tar parser would give it (the fast path changes nothing)."""
+    try:
+        expected = normalize_path(name)
+    except UnsafePath:
+        with pytest.raises(UnsafePath):
+            _normalize(name)
+        return
+    assert _normalize(name) == expected
