@@ -291,10 +291,13 @@ def _checked(record: Any) -> Mapping[str, Any]:
         raise ValueError(f"not a TOC entry: {record!r}")
     for key, value in record.items():
         expected = _FIELD_TYPES.get(key)
+        if expected is None:
+            continue
         # type() rather than isinstance(): JSON true/false are bools, which isinstance counts as ints.
-        if expected is not None and (type(value) is not expected or (expected is int and value < 0)):
-            what = "a non-negative integer" if expected is int else "a string"
-            raise ValueError(f"{key} is not {what}: {value!r}")
+        if expected is int and (type(value) is not int or value < 0):
+            raise ValueError(f"{key} is not a non-negative integer: {value!r}")
+        if expected is str and type(value) is not str:
+            raise ValueError(f"{key} is not a string: {value!r}")
     return record
 
 
