@@ -65,6 +65,32 @@ class _Span:
     more_follows: bool = False  # a 200 body goes on past what we want (the registry ignored Range)
 
 
+class _SchemeTransports(httpx.AsyncBaseTransport):
+    """httpx's own transport, one pool per scheme; the TLS pool is made on the first https request.
+
+    Its SSL context loads certifi's CA bundle (~20 ms), which a plain-HTTP registry never needs
+    and which would otherwise be paid before a mount's first request.
+    """
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        self._limits = limits
+        # Only http:// URLs reach this pool: it never speaks TLS, so it needs no CA bundle.
+        self._plain = httpx.AsyncHTTPTransport(limits=limits, verify=False)
+        self._tls: httpx.AsyncHTTPTransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme == "http":
+            return await self._plain.handle_async_request(request)
+        if self._tls is None:
+            self._tls = httpx.AsyncHTTPTransport(limits=self._limits)
+        return await self._tls.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._plain.aclose()
+        if self._tls is not None:
+            await self._tls.aclose()
+
+
 class RegistryClient:
     """An async OCI distribution client for trio; use as ``async with RegistryClient() as client``."""
 
@@ -89,7 +115,7 @@ class RegistryClient:
         merged.update(credentials or {})  # explicit credentials win over config.json
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(
-            transport=transport,
+            transport=transport or _SchemeTransports(limits),
             limits=limits,
             # A registry that does not accept a connection is down: fail fast rather than wait `timeout`.
             timeout=httpx.Timeout(timeout, connect=connect_timeout or timeout),

@@ -286,3 +286,18 @@ def test_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out.count("chain ID sha256:") == 3
     assert "registry stopped" in out
+
+
+async def test_plain_http_loads_no_ca_bundle(registry: TestRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that only talks plain HTTP never builds a verifying TLS context (certifi's bundle)."""
+    import ssl
+
+    built: list[object] = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: built.append(a) or real(*a, **k))
+    ref = registry.ref("no-tls")
+    async with RegistryClient(docker_config_path="/nonexistent") as client:
+        await push_image(client, ref, sample_layers()[:1])
+        image = await client.resolve(ref)
+        await client.read_range(ref, image.layers[0].digest, 0, 10)
+    assert built == []
