@@ -21,6 +21,8 @@ OPAQUE_MARKER = ".wh..wh..opq"
 # Directories a layer implies without listing them (a/b/c without a/) get what containerd's
 # mkparent gives them: 0755, owned by root, and no meaningful time.
 IMPLICIT_DIR_MODE = 0o755
+# Symlinks followed while resolving one path, as Linux's MAXSYMLINKS.
+MAX_SYMLINK_HOPS = 40
 
 
 class Node:
@@ -213,6 +215,37 @@ class MergedTree:
                 return None
             node = node.children[name]
         return node
+
+    def resolve(self, path: str, max_links: int = MAX_SYMLINK_HOPS) -> Node | None:
+        """The node at ``path`` (relative to the root) with symlinks followed in every component, or None.
+
+        Absolute link targets resolve from this tree's root, never from the host's, and ``..``
+        stops at the root, as inside a container.
+        """
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        stack: list[Node] = [self.root]  # the directories from the root to the current one
+        hops = 0
+        while parts:
+            name = parts.pop(0)
+            if name == "..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            children = stack[-1].children
+            node = children.get(name) if children is not None else None
+            if node is None:
+                return None
+            if node.entry.type is EntryType.SYMLINK:
+                hops += 1
+                if hops > max_links:
+                    return None
+                target = node.entry.link_target
+                if target.startswith("/"):
+                    stack = [self.root]
+                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+                continue
+            stack.append(node)
+        return stack[-1]
 
     def walk(self) -> Iterator[tuple[str, Node]]:
         """Every path with its node, depth first in sorted order; a hardlinked node comes once per name."""

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import pyfuse3
 
+from fusefs.library_prefetch import LibraryPrefetcher, PrefetchingSource
 from fusefs.merged_tree import MergedTree, Node
 from index.errors import LazysnapError
 from index.model import Entry, EntryType
@@ -65,6 +66,11 @@ class _Tree:
     tree: MergedTree
     source: ContentSource
     base: int
+    prefetcher: LibraryPrefetcher | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, PrefetchingSource):
+            self.prefetcher = LibraryPrefetcher(self.tree, self.source)
 
 
 def _size(entry: Entry) -> int:
@@ -358,6 +364,8 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
                 length,
             )
             raise pyfuse3.FUSEError(errno.EIO)
+        if owner.prefetcher is not None:
+            owner.prefetcher.note_read(node, off, data)
         return data
 
     async def release(self, fh: int) -> None:

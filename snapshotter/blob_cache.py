@@ -98,6 +98,7 @@ class CachedBlob:
         fetch: FetchRange,
         span_digests: Sequence[str] = (),
         activity: ForegroundActivity | None = None,
+        min_fetch: int = MIN_FETCH_BYTES,
     ) -> None:
         if span_digests and len(span_digests) != _chunk_count(size, chunk_size):
             raise ValueError(
@@ -107,6 +108,7 @@ class CachedBlob:
         self.digest = digest
         self.size = size
         self.chunk_size = chunk_size
+        self.min_fetch = min_fetch
         self.stats = BlobStats()
         self._fetch = fetch
         self._span_digests = list(span_digests)
@@ -169,6 +171,14 @@ class CachedBlob:
     def verified(self) -> bool:
         """Whether the whole blob was checked against its digest."""
         return (self.directory / "verified").exists()
+
+    def is_present(self, offset: int, length: int) -> bool:
+        """Tell whether blob bytes [offset, offset+length) (clipped at the end) are on local disk."""
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            return True
+        first, last = self._chunks_of(offset, length)
+        return all(self._present[first : last + 1])
 
     async def read(self, offset: int, length: int) -> bytes:
         """Return blob bytes [offset, offset+length) clipped at the end, fetching missing chunks.
@@ -326,8 +336,8 @@ class CachedBlob:
         return inflight
 
     def _widen(self, first: int, last: int) -> tuple[int, int]:
-        """Grow a small miss to MIN_FETCH_BYTES forward, over chunks that are missing too."""
-        want = max(1, MIN_FETCH_BYTES // self.chunk_size)
+        """Grow a small miss to ``min_fetch`` bytes forward, over chunks that are missing too."""
+        want = max(1, self.min_fetch // self.chunk_size)
         while last - first + 1 < want and last + 1 < self.chunk_count and not self._present[last + 1]:
             if (last + 1) in self._inflight:
                 break
@@ -425,12 +435,20 @@ class BlobCache:
         *,
         chunk_size: int = 64 << 10,
         span_digests: Sequence[str] = (),
+        min_fetch: int = MIN_FETCH_BYTES,
     ) -> CachedBlob:
         """Return the cached blob for ``digest``, opening its files once per process."""
         blob = self._open.get(digest)
         if blob is None:
             blob = CachedBlob(
-                self.blob_dir(digest), digest, size, chunk_size, fetch, span_digests, self._activity
+                self.blob_dir(digest),
+                digest,
+                size,
+                chunk_size,
+                fetch,
+                span_digests,
+                self._activity,
+                min_fetch=min_fetch,
             )
             self._open[digest] = blob
         return blob

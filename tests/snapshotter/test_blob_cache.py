@@ -216,3 +216,39 @@ async def test_fill_waits_until_on_demand_reads_are_quiet(
     # The first background request left one quiet second after the last read (at t=2.0).
     assert times[on_demand] >= 3.0
     blob.close()
+
+
+async def test_min_fetch_widens_a_small_miss_forward_and_zero_fetches_only_its_chunks(
+    tmp_path: Path, blob_data: bytes
+) -> None:
+    """A blob opened with min_fetch grows a 100-byte miss to that many bytes; with 0 it asks for one chunk."""
+    digest = _digest(blob_data)
+    wide = FakeRegistry(blob_data)
+    blob = BlobCache(tmp_path / "wide").open(
+        digest, len(blob_data), wide.fetch, chunk_size=CHUNK, min_fetch=4 * CHUNK
+    )
+    assert await blob.read(CHUNK + 10, 100) == blob_data[CHUNK + 10 : CHUNK + 110]
+    assert wide.requests == [(CHUNK, 4 * CHUNK)]
+    blob.close()
+    exact = FakeRegistry(blob_data)
+    blob = BlobCache(tmp_path / "exact").open(
+        digest, len(blob_data), exact.fetch, chunk_size=CHUNK, min_fetch=0
+    )
+    assert await blob.read(CHUNK + 10, 100) == blob_data[CHUNK + 10 : CHUNK + 110]
+    assert exact.requests == [(CHUNK, CHUNK)]
+    blob.close()
+
+
+async def test_is_present_tells_cached_ranges_from_missing_ones(tmp_path: Path, blob_data: bytes) -> None:
+    """is_present is true exactly for ranges whose chunks were all fetched (and for empty ranges)."""
+    registry = FakeRegistry(blob_data)
+    blob = BlobCache(tmp_path).open(
+        _digest(blob_data), len(blob_data), registry.fetch, chunk_size=CHUNK, min_fetch=0
+    )
+    assert not blob.is_present(0, 10)
+    await blob.read(2 * CHUNK, CHUNK)
+    assert blob.is_present(2 * CHUNK, CHUNK)
+    assert blob.is_present(2 * CHUNK + 5, 10)
+    assert not blob.is_present(2 * CHUNK, CHUNK + 1)
+    assert blob.is_present(len(blob_data), 10)  # nothing to read past the end
+    blob.close()
