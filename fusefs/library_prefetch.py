@@ -27,6 +27,8 @@ from index.model import Entry, EntryType
 
 log = logging.getLogger(__name__)
 
+# glibc's loader reads this first, to look the libraries up, before it opens any of them.
+LOADER_CACHE = "etc/ld.so.cache"
 # Libraries of libraries are followed this deep (libpython -> libz...); the set of
 # libraries already handled stops cycles.
 MAX_DEPTH = 2
@@ -96,6 +98,8 @@ class LibraryPrefetcher:
         found: list[Node] = []
         if deps.interpreter.startswith("/"):
             found += self._files(deps.interpreter)
+            if deps.needed and "ld-linux" in deps.interpreter:
+                found += self._files(LOADER_CACHE)
         dirs = deps.library_dirs(posixpath.dirname(node.entry.path))
         for name in deps.needed:
             for directory in dirs:

@@ -20,6 +20,7 @@ HOST_FILES = {
     f"{MULTIARCH}/libc.so.6": "/usr/lib/x86_64-linux-gnu/libc.so.6",
     f"{MULTIARCH}/ld-linux-x86-64.so.2": "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
     f"{MULTIARCH}/libm.so.6": "/usr/lib/x86_64-linux-gnu/libm.so.6",  # present, but `true` does not need it
+    "etc/ld.so.cache": "/etc/ld.so.cache",
 }
 
 
@@ -45,6 +46,7 @@ def merged_usr_image() -> tuple[MergedTree, PrefetchRecordingSource]:
         Entry("usr/lib", T.DIR, 0o755),
         Entry(MULTIARCH, T.DIR, 0o755),
         Entry("usr/lib64", T.DIR, 0o755),
+        Entry("etc", T.DIR, 0o755),
         Entry("lib", T.SYMLINK, 0o777, link_target="usr/lib"),
         Entry("lib64", T.SYMLINK, 0o777, link_target="usr/lib64"),
         Entry(
@@ -81,13 +83,13 @@ def test_resolve_gives_up_on_symlink_loops() -> None:
 
 
 def test_running_a_program_prefetches_its_loader_and_libraries(mountpoint: Path) -> None:
-    """chroot + exec of /usr/bin/true prefetches ld.so and libc (not libm), and the program runs."""
+    """chroot + exec of /usr/bin/true prefetches ld.so, its cache and libc (not libm), and the program runs."""
     tree, source = merged_usr_image()
     with serve(ReadOnlyOperations(tree, source), mountpoint):
         result = subprocess.run(["chroot", str(mountpoint), "/usr/bin/true"], capture_output=True, timeout=30)
         assert result.returncode == 0, result.stderr
         deadline = time.monotonic() + 10
-        want = {f"{MULTIARCH}/ld-linux-x86-64.so.2", f"{MULTIARCH}/libc.so.6"}
+        want = {f"{MULTIARCH}/ld-linux-x86-64.so.2", f"{MULTIARCH}/libc.so.6", "etc/ld.so.cache"}
         while not want <= set(source.prefetched) and time.monotonic() < deadline:
             time.sleep(0.05)
     assert want <= set(source.prefetched)
