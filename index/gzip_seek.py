@@ -72,10 +72,11 @@ _VERSION: bytes = _libz.zlibVersion()
 class RawInflater:
     """A raw-deflate libz inflater whose input and bit position are visible to Python."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_size: int = _OUT_SIZE) -> None:
         self._strm = _ZStream()
         self._ref = ctypes.byref(self._strm)
-        self._out = ctypes.create_string_buffer(_OUT_SIZE)
+        self.out_size = out_size  # output bytes per inflate call at most
+        self._out = ctypes.create_string_buffer(out_size)
         self._out_addr = ctypes.addressof(self._out)
         self._input = b""
         self._input_addr = 0
@@ -130,13 +131,14 @@ class RawInflater:
         """Return the input not consumed yet."""
         return self._input[len(self._input) - self.avail_in :]
 
-    def inflate(self, flush: int = _Z_BLOCK) -> tuple[bytes, int]:
-        """Inflate into the output buffer; return (output, libz status); raises LayerFormatError on bad data."""
+    def inflate(self, flush: int = _Z_BLOCK, limit: int = 0) -> tuple[bytes, int]:
+        """Inflate up to ``limit`` bytes (default and at most ``out_size``); return (output, libz status); raises LayerFormatError on bad data."""
         strm = self._strm
         strm.next_out = self._out_addr
-        strm.avail_out = _OUT_SIZE
+        size = min(limit, self.out_size) if limit > 0 else self.out_size
+        strm.avail_out = size
         rc = _libz.inflate(self._ref, flush)
-        produced = _OUT_SIZE - strm.avail_out
+        produced = size - strm.avail_out
         if rc not in (_Z_OK, _Z_STREAM_END, _Z_BUF_ERROR):
             msg = strm.msg.decode("ascii", "replace") if strm.msg else f"error {rc}"
             raise LayerFormatError(f"invalid deflate data: {msg}")
@@ -185,12 +187,13 @@ class GzipScanner:
         spacing: int = 0,
         start: SeekPoint | None = None,
         check_crc: bool = True,
+        out_size: int = _OUT_SIZE,
     ) -> None:
         self._on_output = on_output
         self._check_crc = check_crc
         self._spacing = spacing
         self.points: list[SeekPoint] = []
-        self._inf = RawInflater()
+        self._inf = RawInflater(out_size)
         self._state = _HEADER
         self._buf = b""  # bytes of a header or trailer still being gathered
         self._check_member = start is None
@@ -288,10 +291,13 @@ class GzipScanner:
         inf.set_input(data)
         while True:
             before = inf.avail_in
-            # Stopping at every block boundary costs a Python round trip per block; do it only
-            # where the next checkpoint may fall.
-            near = self._spacing and self.uncompressed_pos - self._last_point >= self._spacing - _OUT_SIZE
-            out, rc = inf.inflate(_Z_BLOCK if near else _Z_NO_FLUSH)
+            # Stopping at every block boundary costs a Python round trip per block: inflate
+            # freely up to one byte short of where the next checkpoint is due (so no block end
+            # that may carry it is passed), then block by block until it is taken.
+            room = self._last_point + self._spacing - 1 - self.uncompressed_pos if self._spacing else 0
+            near = self._spacing and room <= 0
+            limit = 0 if near else room
+            out, rc = inf.inflate(_Z_BLOCK if near else _Z_NO_FLUSH, limit)
             consumed = before - inf.avail_in
             self.compressed_pos += consumed
             if out:
@@ -303,13 +309,16 @@ class GzipScanner:
             if rc == _Z_STREAM_END:
                 self._state = _TRAILER
                 return inf.pending_input()
-            if not out and not consumed:
+            dt = inf.data_type
+            # Reaching a block end may take neither input (its bits were buffered) nor output.
+            if not out and not consumed and not (near and dt & 128):
                 if inf.avail_in:
                     raise LayerFormatError(f"deflate stream stalls at compressed byte {self.compressed_pos}")
                 return b""  # libz needs more input
-            dt = inf.data_type
             if near and dt & 128 and not dt & 64:
                 self._maybe_point(dt & 7, None)
+            if not inf.avail_in and len(out) < (limit or inf.out_size):
+                return b""  # all input consumed and no output pending: calling again would only say so
 
 
 # Probe windows for minimize_window: byte i of probe A is i mod 256 and of probe B is
@@ -321,17 +330,26 @@ _FULL_PROBES = (
 )
 
 
+class _Enough(Exception):
+    """Raised by ``_decode_after``'s output callback to stop the scanner once 32 KiB are out."""
+
+
 def _decode_after(point: SeekPoint, window: bytes, following: bytes) -> bytes:
     """Decode ``following`` (blob bytes from the checkpoint on) with ``window`` as history; stop at the first 32 KiB."""
     out: list[bytes] = []
-    scanner = GzipScanner(out.append, start=SeekPoint(point.compressed_offset, 0, point.bits, window))
+
+    def keep(data: bytes) -> None:
+        out.append(data)
+        if sum(map(len, out)) >= WINDOW_SIZE:
+            raise _Enough
+
+    # Output in 32 KiB calls: usually one libz call decodes exactly what is needed.
+    start = SeekPoint(point.compressed_offset, 0, point.bits, window)
+    scanner = GzipScanner(keep, start=start, out_size=WINDOW_SIZE)
     try:
-        for pos in range(0, len(following), 8192):
-            if scanner.uncompressed_pos >= WINDOW_SIZE:
-                break
-            scanner.feed(following[pos : pos + 8192])
-    except LayerFormatError:
-        pass  # the bytes may end in the middle of a member header; what was decoded is enough
+        scanner.feed(following)
+    except (_Enough, LayerFormatError):
+        pass  # a format error: the bytes may end inside a member header; what was decoded is enough
     return b"".join(out)[:WINDOW_SIZE]
 
 

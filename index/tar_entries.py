@@ -10,6 +10,7 @@ applies a layer: absolute paths become relative and ``..`` stops at the layer ro
 from __future__ import annotations
 
 import posixpath
+import re
 import struct
 import tarfile
 import zlib
@@ -54,6 +55,7 @@ _SPARSE_KEYS = (
     "GNU.sparse.major",
     "GNU.sparse.realsize",
 )
+_LONG_NAME_KEYS = frozenset(("path", "linkpath"))
 _CACHE_LIMIT = 4096
 _NUMBERS: dict[bytes, int] = {}
 _NAMES: dict[bytes, str] = {}
@@ -67,6 +69,9 @@ def normalize_path(name: str) -> str:
     """Return ``name`` relative to the layer root with ``.``/``..`` resolved inside it; raises UnsafePath on NUL."""
     if "\x00" in name:
         raise UnsafePath(f"entry name {name!r} contains a NUL byte")
+    wrapped = f"/{name}/"
+    if "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped:
+        return name  # no empty, "." or ".." component: already normal, as almost every name is
     # Anchoring at "/" first makes ".." stop at the root, as containerd's RootPath does.
     return posixpath.normpath("/" + name.lstrip("/")).lstrip("/")
 
@@ -138,6 +143,13 @@ class Header(NamedTuple):
 
 
 _FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s")
+# mode, uid, gid, size, mtime and checksum as GNU tar, Go's archive/tar and Python's tarfile
+# write them: zero-padded octal ending in a NUL (the checksum in NUL and space). One regex
+# match decodes all six of such a header; any other spelling takes the general path.
+_STANDARD_NUMBERS = re.compile(
+    rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 "
+)
+_OCTAL = (8,) * 6
 
 
 def _number(field: bytes) -> int:
@@ -174,13 +186,12 @@ def _name(field: bytes) -> str:
     return cached
 
 
-def _checksum_ok(block: bytes, chksum: bytes) -> bool:
-    expected = _number(chksum)
-    field = sum(chksum)
+def _checksum_ok(block: bytes, expected: int, chksum: bytes) -> bool:
+    """Check ``expected`` (the decoded ``chksum`` field) against the sum of the header bytes."""
     # The header sum counts the checksum field as 8 spaces. adler32's low half is 1 + the byte
     # sum mod 65521: a C-speed stand-in for sum(block), exact for a 512-byte block up to that
     # modulus (parsing tens of thousands of headers, the Python-level sum was the cost).
-    claimed = expected + field - 256
+    claimed = expected + sum(chksum) - 256
     if 0 <= claimed <= 255 * BLOCK and ((zlib.adler32(block) & 0xFFFF) - 1 - claimed) % 65521 == 0:
         return True
     # Some old writers summed signed chars; accept that too, as GNU tar and Python's tarfile do.
@@ -192,29 +203,37 @@ def parse_header(block: bytes) -> Header:
     (name, mode, uid, gid, size, mtime, chksum, kind, link, magic, uname, gname, major, minor, prefix) = (
         _FIELDS.unpack_from(block)
     )
-    if not _checksum_ok(block, chksum):
+    standard = _STANDARD_NUMBERS.fullmatch(block, 100, 156)
+    if standard is not None:
+        numbers = tuple(map(int, standard.groups(), _OCTAL))
+        expected = numbers[5]
+    else:
+        expected = _number(chksum)
+    if not _checksum_ok(block, expected, chksum):
         raise ValueError("bad checksum")
     if kind in _EXTENSION_TYPES:  # only the size matters: skip decoding the rest
-        return Header("", 0, 0, 0, _number(size), 0, kind, "", "", "", 0, 0)
+        return Header("", 0, 0, 0, numbers[3] if standard else _number(size), 0, kind, "", "", "", 0, 0)
+    if standard is None:
+        numbers = tuple(map(_number, (mode, uid, gid, size, mtime)))
     path = _string(name)
     if magic[:6] == b"ustar\x00" and prefix[0] and kind not in _GNU_TYPES:
         path = _string(prefix) + "/" + path  # a POSIX ustar long name split in two fields
     if kind == tarfile.AREGTYPE and path.endswith("/"):
         kind = tarfile.DIRTYPE  # old V7 tars mark directories only by the trailing slash
     device = kind in _DEVICE_TYPES
-    return Header(
-        path,
-        _number(mode),
-        _number(uid),
-        _number(gid),
-        _number(size),
-        _number(mtime),
-        kind,
-        _string(link) if link[0] else "",
-        _name(uname),
-        _name(gname),
-        _number(major) if device else 0,
-        _number(minor) if device else 0,
+    # tuple.__new__ rather than Header(...): the generated __new__ is Python code, run per header.
+    return tuple.__new__(
+        Header,
+        (
+            path,
+            *numbers[:5],
+            kind,
+            _string(link) if link[0] else "",
+            _name(uname),
+            _name(gname),
+            _number(major) if device else 0,
+            _number(minor) if device else 0,
+        ),
     )
 
 
@@ -243,8 +262,14 @@ class TarEntryParser:
 
     def feed(self, data: bytes | memoryview) -> None:
         """Consume the next piece of the tar stream; raises LayerFormatError on a bad header."""
-        view = memoryview(data)
-        pos, n = 0, len(view)
+        n = len(data)
+        if self.ended or self._skip >= n:  # past the end, or inside one file's data
+            self._skip -= 0 if self.ended else n
+            self._offset += n
+            return
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        pos = 0
         while pos < n and not self.ended:
             if self._skip:
                 step = min(self._skip, n - pos)
@@ -252,17 +277,17 @@ class TarEntryParser:
                 pos += step
             elif self._collect:
                 step = min(self._collect, n - pos)
-                self._payload += view[pos : pos + step]
+                self._payload += data[pos : pos + step]
                 self._collect -= step
                 pos += step
                 if not self._collect:
                     self._end_extension()
             elif not self._header and n - pos >= BLOCK:
-                self._on_header(bytes(view[pos : pos + BLOCK]), self._offset + pos)
+                self._on_header(data[pos : pos + BLOCK], self._offset + pos)
                 pos += BLOCK
             else:
                 step = min(BLOCK - len(self._header), n - pos)
-                self._header += view[pos : pos + step]
+                self._header += data[pos : pos + step]
                 pos += step
                 if len(self._header) == BLOCK:
                     block, self._header = bytes(self._header), bytearray()
@@ -361,6 +386,13 @@ class TarEntryParser:
         self, info: Header, records: dict[str, bytes], mtime_ns: int, offset: int
     ) -> tuple[Header, int, dict[str, bytes]]:
         """Override header fields with PAX records / GNU long names; return (header, mtime_ns, xattrs)."""
+        if records.keys() <= _LONG_NAME_KEYS:  # GNU long names, the common case: nothing else to apply
+            path, link = records.get("path"), records.get("linkpath")
+            info = info._replace(
+                name=info.name if path is None else _text(path),
+                linkname=info.linkname if link is None else _text(link),
+            )
+            return info, mtime_ns, {}
         if any(k in records for k in _SPARSE_KEYS):
             raise self._fail(f"{info.name!r} is a sparse file, which layers must not contain", offset)
         info = info._replace(
