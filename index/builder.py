@@ -31,6 +31,9 @@ from index.zstd_frames import ZstdScanner
 _TrimJob = tuple[int, SeekPoint, bytes]
 _BATCH = 256 << 10  # small fed pieces are batched to this size before they cross to the hasher
 _QUEUE_DEPTH = 32  # batches in flight: bounds memory at about 8 MiB (more for large feeds)
+# Tar bytes are hashed and parsed in slices of this size: hashing releases the GIL between the
+# parser's stretches, so the feeding thread, back from libz, never waits long to take it.
+_SLICE = 64 << 10
 
 
 class _Scanner:
@@ -60,7 +63,7 @@ class _Worker:
     error of the parser is re-raised by the next ``add`` or by ``close``.
     """
 
-    def __init__(self, span_size: int, hash_tar: bool, parse: Callable[[bytes], None]) -> None:
+    def __init__(self, span_size: int, hash_tar: bool, parse: Callable[[bytes | memoryview], None]) -> None:
         self._parse = parse
         self._plain_tar = not hash_tar  # compressed bytes are the tar itself
         self.blob = hashlib.sha256()
@@ -131,10 +134,17 @@ class _Worker:
                     if self._plain_tar:
                         self._parse(data)
                 elif self.tar is not None:
-                    self.tar.update(data)
-                    self._parse(data)
+                    self._hash_and_parse(data)
             except BaseException as exc:  # reported by close()
                 self._error = exc
+
+    def _hash_and_parse(self, data: bytes) -> None:
+        assert self.tar is not None
+        view = memoryview(data)
+        for pos in range(0, len(data), _SLICE):
+            piece = view[pos : pos + _SLICE]
+            self.tar.update(piece)
+            self._parse(piece)
 
     def _hash_compressed(self, data: bytes) -> None:
         self.blob.update(data)

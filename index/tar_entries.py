@@ -149,7 +149,7 @@ _FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s")
 _STANDARD_NUMBERS = re.compile(
     rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 "
 )
-_OCTAL = (8,) * 6
+_OCTAL = (8,) * 5
 
 
 def _number(field: bytes) -> int:
@@ -200,21 +200,20 @@ def _checksum_ok(block: bytes, expected: int, chksum: bytes) -> bool:
 
 def parse_header(block: bytes) -> Header:
     """Parse one 512-byte ustar/GNU/v7 header block; raises ValueError on a bad checksum or number."""
-    (name, mode, uid, gid, size, mtime, chksum, kind, link, magic, uname, gname, major, minor, prefix) = (
-        _FIELDS.unpack_from(block)
-    )
+    chksum = block[148:156]
     standard = _STANDARD_NUMBERS.fullmatch(block, 100, 156)
-    if standard is not None:
-        numbers = tuple(map(int, standard.groups(), _OCTAL))
-        expected = numbers[5]
-    else:
-        expected = _number(chksum)
+    octal = standard.groups() if standard is not None else None
+    expected = int(octal[5], 8) if octal else _number(chksum)
     if not _checksum_ok(block, expected, chksum):
         raise ValueError("bad checksum")
+    kind = block[156:157]
     if kind in _EXTENSION_TYPES:  # only the size matters: skip decoding the rest
-        return Header("", 0, 0, 0, numbers[3] if standard else _number(size), 0, kind, "", "", "", 0, 0)
-    if standard is None:
-        numbers = tuple(map(_number, (mode, uid, gid, size, mtime)))
+        size = int(octal[3], 8) if octal else _number(block[124:136])
+        return tuple.__new__(Header, ("", 0, 0, 0, size, 0, kind, "", "", "", 0, 0))
+    (name, mode, uid, gid, size, mtime, _, _, link, magic, uname, gname, major, minor, prefix) = (
+        _FIELDS.unpack_from(block)
+    )
+    numbers = map(int, octal[:5], _OCTAL) if octal else map(_number, (mode, uid, gid, size, mtime))
     path = _string(name)
     if magic[:6] == b"ustar\x00" and prefix[0] and kind not in _GNU_TYPES:
         path = _string(prefix) + "/" + path  # a POSIX ustar long name split in two fields
@@ -226,7 +225,7 @@ def parse_header(block: bytes) -> Header:
         Header,
         (
             path,
-            *numbers[:5],
+            *numbers,
             kind,
             _string(link) if link[0] else "",
             _name(uname),
@@ -267,8 +266,6 @@ class TarEntryParser:
             self._skip -= 0 if self.ended else n
             self._offset += n
             return
-        if not isinstance(data, bytes):
-            data = bytes(data)
         pos = 0
         while pos < n and not self.ended:
             if self._skip:
@@ -283,7 +280,7 @@ class TarEntryParser:
                 if not self._collect:
                     self._end_extension()
             elif not self._header and n - pos >= BLOCK:
-                self._on_header(data[pos : pos + BLOCK], self._offset + pos)
+                self._on_header(bytes(data[pos : pos + BLOCK]), self._offset + pos)
                 pos += BLOCK
             else:
                 step = min(BLOCK - len(self._header), n - pos)
@@ -388,11 +385,9 @@ class TarEntryParser:
         """Override header fields with PAX records / GNU long names; return (header, mtime_ns, xattrs)."""
         if records.keys() <= _LONG_NAME_KEYS:  # GNU long names, the common case: nothing else to apply
             path, link = records.get("path"), records.get("linkpath")
-            info = info._replace(
-                name=info.name if path is None else _text(path),
-                linkname=info.linkname if link is None else _text(link),
-            )
-            return info, mtime_ns, {}
+            name = info.name if path is None else _text(path)
+            linkname = info.linkname if link is None else _text(link)
+            return Header._make((name, *info[1:7], linkname, *info[8:])), mtime_ns, {}
         if any(k in records for k in _SPARSE_KEYS):
             raise self._fail(f"{info.name!r} is a sparse file, which layers must not contain", offset)
         info = info._replace(
