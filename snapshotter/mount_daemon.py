@@ -24,7 +24,7 @@ from fusefs.operations import ReadOnlyOperations
 from index.errors import LazysnapError
 from snapshotter.blob_cache import BlobCache
 from snapshotter.index_artifacts import PublishedIndexes
-from snapshotter.index_store import IndexStore
+from snapshotter.index_store import WriteBehindIndexStore
 from snapshotter.layer_resolver import ChainSource, Layer, LayerResolver, verify_layer
 from snapshotter.mount_state import MountRecord, control_socket_path, remove_record, write_record
 from snapshotter.registry_client import RegistryClient, ResolvedImage
@@ -84,6 +84,8 @@ class MountDaemon:
         self.started = time.monotonic()
         self.ready_seconds = 0.0
         self.background_errors: list[str] = []
+        # Indexes obtained while mounting are written once the mount is ready, not before.
+        self.store = WriteBehindIndexStore(Path(options.root) / "indexes")
 
     def stats(self) -> dict[str, Any]:
         """The mount's statistics as one JSON-able document."""
@@ -105,14 +107,17 @@ class MountDaemon:
         """Mount, serve until unmounted or signalled, clean up; return the process exit code."""
         options = self.options
         cache = BlobCache(Path(options.root) / "cache")
-        store = IndexStore(Path(options.root) / "indexes")
         try:
             async with RegistryClient(
                 plain_http=options.plain_http, docker_config_path=options.docker_config_path
             ) as client:
                 self.image = await client.resolve(options.reference)
                 resolver = LayerResolver(
-                    client, self.image.reference, cache, store, published=PublishedIndexes(client, self.image)
+                    client,
+                    self.image.reference,
+                    cache,
+                    self.store,
+                    published=PublishedIndexes(client, self.image),
                 )
                 await self._open_layers(resolver, self.image)
                 await self._serve()
@@ -122,6 +127,7 @@ class MountDaemon:
             return 1
         finally:
             cache.close()
+            self._flush_indexes()  # a mount that failed still keeps the indexes it obtained
             remove_record(options.root, options.mountpoint)
             self.status.close()
         return 0
@@ -176,6 +182,7 @@ class MountDaemon:
                 image_size=stats["image_size"],
             )
             self.status.close()
+            nursery.start_soon(self._save_indexes)
             if options.background_fetch:
                 nursery.start_soon(self._background_fetch)
             else:
@@ -192,6 +199,17 @@ class MountDaemon:
         """Serve the mount until the kernel unmounts it, then cancel the helpers beside it."""
         await run_filesystem(operations, self.options.mountpoint, task_status=task_status)
         nursery.cancel_scope.cancel()
+
+    async def _save_indexes(self) -> None:
+        """Write the indexes queued while mounting; shielded, so an early unmount still keeps them."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._flush_indexes)
+
+    def _flush_indexes(self) -> None:
+        try:
+            self.store.flush()
+        except OSError as error:
+            log.warning("index-store-write-failed root=%s error=%s", self.options.root, error)
 
     async def _unmount_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
