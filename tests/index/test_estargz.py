@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import random
 import tarfile
 
 import pytest
@@ -21,6 +22,7 @@ from index.estargz import (
     parse_modtime,
     read_estargz,
     read_estargz_index,
+    speculative_tail_for,
 )
 from index.model import Entry, EntryType, LayerFormat, LayerIndex
 from index.tar_entries import normalize_path
@@ -308,6 +310,21 @@ class TestReads:
         blob = build_estargz(sample_entries())
         _, source = await index_of(blob)
         assert len(source.calls) == 1
+
+    def test_default_tail_grows_with_the_blob(self) -> None:
+        """The first read is 1/128 of the blob, at least 64 KiB and at most 1 MiB."""
+        assert speculative_tail_for(1000) == 64 << 10
+        assert speculative_tail_for(70 << 20) == (70 << 20) // 128
+        assert speculative_tail_for(10 << 30) == 1 << 20
+
+    async def test_default_tail_one_read_for_a_large_blob(self) -> None:
+        """A blob 128 times its TOC's size needs one read with the default tail."""
+        files = [file(f"dir/file-{i:05}", b"%d" % i) for i in range(2000)]
+        blob = build_estargz(files)
+        padded = build_estargz([file("pad", random.Random(3).randbytes(130 * len(blob.blob))), *files])
+        entries, source = await index_of(padded)
+        assert len(source.calls) == 1
+        assert len(entries) == 2001
 
     @pytest.mark.parametrize("tail", [51, 100, 4096])
     async def test_large_toc_two_reads(self, tail: int) -> None:
