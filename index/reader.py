@@ -18,14 +18,17 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 import zstandard
 
 from index.errors import DigestMismatch, LayerFormatError, TruncatedLayer
-from index.gzip_seek import GzipScanner
-from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex
+from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex, SeekPoint
 from index.zstd_frames import ZstdScanner
+
+if TYPE_CHECKING:
+    from index.gzip_seek import GzipScanner
 
 # Decoding more compressed bytes than this runs in a worker thread, so the trio loop (which
 # also serves FUSE and HTTP) never stalls for more than a fraction of a millisecond.
@@ -146,12 +149,7 @@ def is_randomly_accessible(index: LayerIndex, max_span: int = DEFAULT_MAX_SPAN) 
 def _decode(index: LayerIndex, span: _Span, data: bytes, upto: int) -> bytes:
     """Decode blob bytes starting at ``span``'s seek point; return uncompressed bytes from ``span.ustart`` to ``upto``."""
     out: list[bytes] = []
-    point = index.seek_points[span.index]
-    scanner = (
-        GzipScanner(out.append, start=point)
-        if index.format is LayerFormat.GZIP
-        else ZstdScanner(out.append, start=point)
-    )
+    scanner = _scanner(index.format, index.seek_points[span.index], out.append)
     scanner.feed(data)
     result = b"".join(out)
     if len(result) < upto - span.ustart:
@@ -159,6 +157,17 @@ def _decode(index: LayerIndex, span: _Span, data: bytes, upto: int) -> bytes:
             f"layer {index.digest}: span {span.index} decodes to {len(result)} bytes, the index expects {span.uend - span.ustart}"
         )
     return result[: upto - span.ustart]
+
+
+def _scanner(fmt: LayerFormat, point: SeekPoint, sink: Callable[[bytes], None]) -> GzipScanner | ZstdScanner:
+    """A decoder of a gzip or zstd layer from ``point`` on, passing what it decodes to ``sink``."""
+    if fmt is LayerFormat.GZIP:
+        # Imported here: loading libz through ctypes costs ~10 ms that a mount of an eStargz or
+        # plain tar image, which never decodes a span, would otherwise pay before it is ready.
+        from index.gzip_seek import GzipScanner
+
+        return GzipScanner(sink, start=point)
+    return ZstdScanner(sink, start=point)
 
 
 def _feed(scanner: GzipScanner | ZstdScanner, data: bytes) -> bytes:
@@ -295,9 +304,7 @@ class LayerReader:
                 out.append(data[max(0, lo - pos) : hi - pos])
             pos += len(data)
 
-        point = self.index.seek_points[span.index]
-        gz = self.index.format is LayerFormat.GZIP
-        scanner = GzipScanner(keep, start=point) if gz else ZstdScanner(keep, start=point)
+        scanner = _scanner(self.index.format, self.index.seek_points[span.index], keep)
         coff = span.cstart
         while pos < hi and coff < span.cend:
             piece = await self._fetch(coff, min(_STREAM_PIECE, span.cend - coff))

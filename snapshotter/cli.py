@@ -98,8 +98,6 @@ def mount(
     verbose: bool,
 ) -> None:
     """Mount image REFERENCE at MOUNTPOINT; file bytes are fetched when something reads them."""
-    from rich.console import Console
-
     from snapshotter.mount_command import check_mountpoint, spawn_daemon
 
     _configure_logging(verbose)
@@ -124,7 +122,14 @@ def mount(
     )
     if foreground or status_fd is not None:
         sys.exit(run_mount_daemon(options, status_fd))
-    sys.exit(spawn_daemon(options, Console(stderr=True)))
+    code = spawn_daemon(options)
+    # The daemon carries on alone and this process holds nothing to clean up: skipping the
+    # interpreter's teardown of all that the daemon needed (trio, httpx, pyfuse3: ~35 ms)
+    # returns the command that much sooner.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @cli.command()

@@ -23,7 +23,6 @@ from typing import BinaryIO
 
 import trio
 
-from index.builder import LayerIndexBuilder
 from index.errors import DigestMismatch, IntegrityError, LayerFormatError, LazysnapError
 from index.estargz import EstargzLayer, read_estargz
 from index.model import Entry, EntryType, LayerFormat, LayerIndex
@@ -299,6 +298,10 @@ class LayerResolver:
         self, descriptor: Descriptor, fmt: LayerFormat, diff_id: str, progress: Progress | None
     ) -> Layer:
         """Stream the whole blob once: build its index and fill the cache from the same bytes."""
+        # Imported here: the builder loads libz through ctypes (~10 ms), which a mount whose layers
+        # all have a TOC or an index would otherwise pay before it is ready.
+        from index.builder import LayerIndexBuilder
+
         blob = self._open_blob(descriptor, None)
         builder = LayerIndexBuilder(
             descriptor.media_type,
