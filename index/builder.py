@@ -72,7 +72,7 @@ class _Worker:
         self._span_size = span_size
         self._span = hashlib.sha256()
         self._span_fill = 0
-        self._queue: queue.Queue[tuple[bool, bytes] | _TrimJob | None] = queue.Queue(_QUEUE_DEPTH)
+        self._queue: queue.Queue[tuple[bool, list[bytes]] | _TrimJob | None] = queue.Queue(_QUEUE_DEPTH)
         self.windows: dict[int, bytes] = {}  # trimmed windows by seek point index
         self._pending: dict[bool, list[bytes]] = {True: [], False: []}
         self._pending_size = {True: 0, False: 0}
@@ -114,8 +114,8 @@ class _Worker:
 
     def _flush(self, compressed: bool) -> None:
         parts = self._pending[compressed]
-        if parts:
-            self._queue.put((compressed, parts[0] if len(parts) == 1 else b"".join(parts)))
+        if parts:  # as a list: joining would copy every byte once more in the feeding thread
+            self._queue.put((compressed, parts))
             self._pending[compressed] = []
             self._pending_size[compressed] = 0
 
@@ -128,13 +128,14 @@ class _Worker:
                     index, point, following = item
                     self.windows[index] = minimize_window(point, following)
                     continue
-                compressed, data = item
-                if compressed:
-                    self._hash_compressed(data)
-                    if self._plain_tar:
-                        self._parse(data)
-                elif self.tar is not None:
-                    self._hash_and_parse(data)
+                compressed, parts = item
+                for data in parts:
+                    if compressed:
+                        self._hash_compressed(data)
+                        if self._plain_tar:
+                            self._parse(data)
+                    elif self.tar is not None:
+                        self._hash_and_parse(data)
             except BaseException as exc:  # reported by close()
                 self._error = exc
 
