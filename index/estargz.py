@@ -50,7 +50,7 @@ TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 # layer with a few hundred files) and at most 1 MiB: a TOC grows with the number of files, and
 # so does the blob (a 70 MB Debian python layer of 8,000 files has a 0.4 MB TOC), so most
 # layers cost one request; a larger TOC costs exactly one more. Over-reading costs at most
-# 1/128 of the blob, fetched once and cached; a second request costs a round trip.
+# 1/128 of the blob; a second request costs a round trip.
 SPECULATIVE_TAIL_FRACTION = 128
 MIN_SPECULATIVE_TAIL = 64 << 10
 MAX_SPECULATIVE_TAIL = 1 << 20
