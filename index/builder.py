@@ -4,7 +4,7 @@
 ``gzip_seek``, libzstd via ``zstd_frames``, nothing for tar) and hands everything else to one
 worker thread: the blob digest and span digests, the DiffID, the tar parser and the trimming
 of gzip checkpoint windows. libz and hashlib release the GIL, so on two free cores the two
-threads overlap; on one core the pass costs about 2.2x the CPU of plain decompression. Memory
+threads overlap; on one core the pass costs about 2.1x the CPU of plain decompression. Memory
 is bounded by the worker's queue and the index itself, never by the blob.
 
 ``feed`` blocks (decompression, and back-pressure when the worker is behind): call it from a
