@@ -161,8 +161,9 @@ class MountDaemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._filesystem, operations, nursery)
             self.ready_seconds = time.monotonic() - self.started
-            nursery.start_soon(self._serve_control, control_socket_path(options.root, options.mountpoint))
-            nursery.start_soon(self._unmount_on_signal)
+            # Started, not just scheduled: a `stats` or a signal right after `ready` must be answered.
+            await nursery.start(self._serve_control, control_socket_path(options.root, options.mountpoint))
+            await nursery.start(self._unmount_on_signal)
             write_record(
                 options.root,
                 MountRecord(
@@ -211,8 +212,9 @@ class MountDaemon:
         except OSError as error:
             log.warning("index-store-write-failed root=%s error=%s", self.options.root, error)
 
-    async def _unmount_on_signal(self) -> None:
+    async def _unmount_on_signal(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("signal %s: unmounting %s", signum, self.options.mountpoint)
                 await trio.to_thread.run_sync(unmount, self.options.mountpoint)
@@ -232,12 +234,15 @@ class MountDaemon:
                 self.background_errors.append(f"layer {number}: {error}")
                 log.warning("background-fetch-failed layer=%s error=%s", layer.descriptor.digest, error)
 
-    async def _serve_control(self, path: Path) -> None:
+    async def _serve_control(
+        self, path: Path, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         path.unlink(missing_ok=True)
         listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await listener.bind(str(path))
         os.chmod(path, 0o600)
         listener.listen(16)
+        task_status.started()
         with listener:
             while True:
                 conn, _ = await listener.accept()
