@@ -207,6 +207,26 @@ class CachedBlob:
                 self._foreground_idle.set()
         return os.pread(self._data_fd, length, offset)
 
+    def store(self, offset: int, data: bytes) -> None:
+        """Keep bytes fetched outside the cache (one request's answer); the chunks they cover wholly become present.
+
+        They count as fetched in ``stats``. Chunks are checked against span digests when known.
+
+        Raises:
+            DigestMismatch: a covered chunk did not match its span digest (it stays missing).
+        """
+        self.stats.fetch_requests += 1
+        self.stats.bytes_fetched += len(data)
+        end = min(offset + len(data), self.size)
+        if end <= offset:
+            return
+        os.pwrite(self._data_fd, data[: end - offset], offset)
+        first = -(-offset // self.chunk_size)
+        last = self.chunk_count - 1 if end == self.size else end // self.chunk_size - 1
+        for index in range(first, last + 1):
+            if not self._present[index]:
+                self._mark_present(index, verify=True, data=data, base=offset)
+
     def store_stream(self, offset: int, data: bytes) -> None:
         """Store the next bytes of a sequential download that started at 0, marking complete chunks present.
 

@@ -276,11 +276,20 @@ class LayerResolver:
 
     async def _try_estargz(self, descriptor: Descriptor) -> EstargzLayer | None:
         """Read the eStargz footer and TOC if the blob has them; None when it is a plain gzip blob."""
-        # Read uncached: the blob's chunk size in the cache depends on what the probe finds.
+        # The blob's chunk size in the cache depends on what the probe finds: its reads go to the
+        # registry directly and are handed to the cache afterwards (the tail holds file data too).
         toc_digest = descriptor.annotations.get(TOC_DIGEST_ANNOTATION)
+        fetch = self._fetcher(descriptor.digest)
+        probed: list[tuple[int, bytes]] = []
+
+        async def probe(offset: int, length: int) -> bytes:
+            data = await fetch(offset, length)
+            probed.append((offset, data))
+            return data
+
         try:
-            return await read_estargz(
-                self._fetcher(descriptor.digest),
+            found = await read_estargz(
+                probe,
                 descriptor.size,
                 digest=descriptor.digest,
                 media_type=descriptor.media_type,
@@ -293,6 +302,10 @@ class LayerResolver:
                 raise  # the annotation says this is eStargz: a broken TOC is an error, not a plain gzip
             log.debug("not eStargz: %s: %s", descriptor.digest, error)
             return None
+        blob = self._open_blob(descriptor, found.index)
+        for offset, data in probed:
+            blob.store(offset, data)
+        return found
 
     async def _download_and_index(
         self, descriptor: Descriptor, fmt: LayerFormat, diff_id: str, progress: Progress | None

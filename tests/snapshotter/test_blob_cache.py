@@ -252,3 +252,34 @@ async def test_is_present_tells_cached_ranges_from_missing_ones(tmp_path: Path, 
     assert not blob.is_present(2 * CHUNK, CHUNK + 1)
     assert blob.is_present(len(blob_data), 10)  # nothing to read past the end
     blob.close()
+
+
+async def test_bytes_fetched_elsewhere_are_kept_for_the_chunks_they_cover(
+    tmp_path: Path, blob_data: bytes
+) -> None:
+    """store() marks wholly covered chunks present (the blob's short last chunk too) and counts the bytes."""
+    registry = FakeRegistry(blob_data)
+    blob = BlobCache(tmp_path).open(
+        _digest(blob_data), len(blob_data), registry.fetch, chunk_size=CHUNK, min_fetch=0
+    )
+    start = 30 * CHUNK + 100  # chunk 30 only partly covered: stays missing
+    blob.store(start, blob_data[start:])
+    assert blob.stats.bytes_fetched == len(blob_data) - start
+    assert blob.is_present(31 * CHUNK, len(blob_data) - 31 * CHUNK)
+    assert not blob.is_present(30 * CHUNK, 1)
+    assert await blob.read(35 * CHUNK, 50) == blob_data[35 * CHUNK : 35 * CHUNK + 50]
+    assert registry.requests == []
+    blob.close()
+
+
+async def test_stored_bytes_are_checked_against_span_digests(tmp_path: Path, blob_data: bytes) -> None:
+    """Bytes handed to store() that fail their span digest are not kept."""
+    registry = FakeRegistry(blob_data)
+    blob = BlobCache(tmp_path).open(
+        _digest(blob_data), len(blob_data), registry.fetch, chunk_size=CHUNK, span_digests=_spans(blob_data)
+    )
+    bad = bytes(b ^ 1 for b in blob_data[:CHUNK])
+    with pytest.raises(DigestMismatch):
+        blob.store(0, bad)
+    assert not blob.is_present(0, CHUNK)
+    blob.close()
