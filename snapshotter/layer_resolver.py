@@ -49,9 +49,11 @@ SPAN_SIZE = 64 << 10
 # are cached in small chunks, so a cold read fetches its gzip members and little else: 64 KiB
 # alignment cost `import json` on the eStargz python image 6.4 MB where its files take 4.7 MB.
 FINE_CHUNK_SIZE = 4 << 10
-# The largest prefetch region (an optimized eStargz blob's files before its landmark) fetched
-# before a mount is ready: beyond this the wait would cost more than lazy reads save.
+# The largest prefetch region (an optimized eStargz blob's files before its landmark) honoured:
+# beyond this it would compete with on-demand reads for longer than it saves them.
 PREFETCH_MAX_BYTES = 32 << 20
+# The prefetch region is requested in pieces of this size, one after the other.
+PREFETCH_PIECE = 512 << 10
 # A file asked for ahead of its reads (a program's libraries) is fetched whole only up to this
 # many compressed bytes; larger ones are left to the reads themselves.
 PREFETCH_FILE_MAX_BYTES = 16 << 20
@@ -77,6 +79,7 @@ class Layer:
     diff_id_verified: bool = False
     unpacked: bool = False  # reads come from a verified local copy of the uncompressed tar
     readahead: SiblingReadahead | None = None
+    prefetch_end: int = 0  # an optimized eStargz blob's files before its landmark end here
 
     async def read(self, entry: Entry, offset: int, length: int) -> bytes:
         """Return ``length`` bytes of a regular file at ``offset`` (fewer at EOF).
@@ -93,6 +96,25 @@ class Layer:
             if entry.chunks:
                 self._forget_chunks(entry, offset, length, error)
             raise
+
+    async def prefetch_landmark(self) -> None:
+        """Fetch the files an optimized eStargz blob puts before its prefetch landmark, in order.
+
+        ``ctr-remote image optimize`` records what the image's entrypoint reads and moves those
+        files to the front, in reading order. Run beside the mount rather than before it: the
+        mount is ready sooner, and since the region comes in PREFETCH_PIECE requests one after
+        the other, a start-up read waits only for the piece holding its file, which is usually
+        among the first. Failures are logged: reads then fetch what they need themselves.
+        """
+        try:
+            for offset in range(0, self.prefetch_end, PREFETCH_PIECE):
+                length = min(PREFETCH_PIECE, self.prefetch_end - offset)
+                if not self.blob.is_present(offset, length):
+                    await self.blob.read(offset, length)
+        except LazysnapError as error:
+            log.warning("prefetch-failed layer=%s: %s", self.descriptor.digest, error)
+        else:
+            log.info("prefetched layer=%s bytes=%d", self.descriptor.digest, self.prefetch_end)
 
     async def prefetch(self, entry: Entry) -> None:
         """Fetch a regular file's compressed bytes into the cache (nothing for an unpacked layer or a huge file).
@@ -238,7 +260,8 @@ class LayerResolver:
             if estargz is not None:
                 await trio.to_thread.run_sync(self._store.put, estargz.index)
                 layer = await self._layer(descriptor, estargz.index, HOW_ESTARGZ, _estargz_reason(descriptor))
-                await self._prefetch(layer, estargz.prefetch_end)
+                if estargz.prefetch_end <= PREFETCH_MAX_BYTES:
+                    layer.prefetch_end = estargz.prefetch_end  # fetched by prefetch_landmark()
                 return layer
         if not allow_download:
             raise NotServedLazily(
@@ -261,18 +284,6 @@ class LayerResolver:
         layer = Layer(descriptor, index, HOW_DOWNLOADED, reason, blob, reader)
         layer.diff_id_verified = layer.unpacked = True  # _local_tar_reader checked the tar's DiffID
         return layer
-
-    async def _prefetch(self, layer: Layer, prefetch_end: int) -> None:
-        """Fetch the files an optimized eStargz blob puts before its prefetch landmark, in one request.
-
-        ``ctr-remote image optimize`` records what the image's entrypoint reads and moves those
-        files to the front: fetching them before the mount is ready replaces one round trip per
-        file at start-up with one request. A landmark beyond PREFETCH_MAX_BYTES is not honoured.
-        """
-        if prefetch_end <= 0 or prefetch_end > PREFETCH_MAX_BYTES:
-            return
-        await layer.blob.read(0, prefetch_end)
-        log.info("prefetched layer=%s bytes=%d", layer.descriptor.digest, prefetch_end)
 
     async def _try_estargz(self, descriptor: Descriptor) -> EstargzLayer | None:
         """Read the eStargz footer and TOC if the blob has them; None when it is a plain gzip blob."""

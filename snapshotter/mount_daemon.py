@@ -156,9 +156,12 @@ class MountDaemon:
 
     async def _serve(self) -> None:
         options = self.options
-        tree = MergedTree.build([layer.index.entries for layer in self.layers])
-        operations = ReadOnlyOperations(tree, ChainSource(self.layers))
         async with trio.open_nursery() as nursery:
+            for layer in self.layers:
+                if layer.prefetch_end:  # under way while the mount comes up, not before it
+                    nursery.start_soon(layer.prefetch_landmark)
+            tree = MergedTree.build([layer.index.entries for layer in self.layers])
+            operations = ReadOnlyOperations(tree, ChainSource(self.layers))
             await nursery.start(self._filesystem, operations, nursery)
             self.ready_seconds = time.monotonic() - self.started
             # Started, not just scheduled: a `stats` or a signal right after `ready` must be answered.

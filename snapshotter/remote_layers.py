@@ -228,6 +228,8 @@ class FuseRemoteLayers(RemoteLayers):
                 record.descriptor(), record.diff_id, allow_download=allow_download
             )
             self._layers[record.digest] = layer
+            if layer.prefetch_end:
+                self._nursery.start_soon(layer.prefetch_landmark)
             if self._background_fetch:
                 self._nursery.start_soon(self._fill, layer, record.diff_id)
         chain = [*self._chains.get(record.parent, []), layer]
