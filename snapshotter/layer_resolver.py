@@ -3,7 +3,8 @@
 For every layer descriptor, in this order:
 
 1. ``lazy: stored index``      an index of this blob is in the local index store, or was
-                               published next to the image (``lazysnap index push``);
+                               published next to the image (``lazysnap index push``; not looked
+                               for when the layer's toc.digest annotation declares a TOC);
 2. ``lazy: estargz toc``       the blob carries its own table of contents (eStargz footer);
 3. ``indexed during download`` stream the blob once: the index is built from the stream while
                                the same bytes fill the cache, so nothing is fetched twice.
@@ -247,14 +248,19 @@ class LayerResolver:
             return await self._layer(
                 descriptor, stored, HOW_STORED, "an index of this blob was stored earlier"
             )
-        published = await self._published.get(descriptor, diff_id) if self._published is not None else None
+        fmt = layer_format(descriptor.media_type)
+        # A layer that declares its TOC (the annotation ctr-remote writes) is served from it: looking
+        # for a published index first would only cost a round trip to the registry.
+        declared_estargz = fmt is LayerFormat.GZIP and TOC_DIGEST_ANNOTATION in descriptor.annotations
+        published = None
+        if self._published is not None and not declared_estargz:
+            published = await self._published.get(descriptor, diff_id)
         if published is not None:
             await trio.to_thread.run_sync(self._store.put, published)
             layer = await self._layer(descriptor, published, HOW_STORED, "an index published in the registry")
             assert self._published is not None
             layer.downloaded_bytes = self._published.bytes_fetched.get(descriptor.digest, 0)
             return layer
-        fmt = layer_format(descriptor.media_type)
         if fmt is LayerFormat.GZIP:
             estargz = await self._try_estargz(descriptor)
             if estargz is not None:

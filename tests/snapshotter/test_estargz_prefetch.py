@@ -1,4 +1,4 @@
-"""An optimized eStargz layer's files before ``.prefetch.landmark`` are fetched by its landmark prefetch, beside the mount."""
+"""Opening eStargz layers: the landmark prefetch of optimized blobs, and the round trips before a layer is served."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import random
 from pathlib import Path
 
 from index.estargz import TOC_DIGEST_ANNOTATION
+from index.model import LayerIndex
 from snapshotter.blob_cache import BlobCache
 from snapshotter.image_builder import Layer, file, push_image
+from snapshotter.index_artifacts import PublishedIndexes
 from snapshotter.index_store import IndexStore
 from snapshotter.layer_resolver import HOW_ESTARGZ, LayerResolver
-from snapshotter.registry_client import RegistryClient
+from snapshotter.registry_client import Descriptor, RegistryClient
 from tests.support.estargz_writer import build_estargz
 from tests.support.registry import TestRegistry
 
@@ -46,3 +48,42 @@ async def test_prefetch_landmark_fetches_the_hot_files(
     assert fetched >= without + 300_000  # the three hot files (incompressible)
     assert at_open < fetched - 300_000  # the mount does not wait for them
     assert fetched < size - (1 << 20)  # the 2 MiB cold file stays remote
+
+
+class CountingPublishedIndexes(PublishedIndexes):
+    """PublishedIndexes that counts lookups (a lookup costs a registry round trip)."""
+
+    lookups = 0
+
+    async def get(self, layer: Descriptor, diff_id: str) -> LayerIndex | None:
+        """Count, then look up as usual."""
+        self.lookups += 1
+        return await super().get(layer, diff_id)
+
+
+async def test_a_layer_declaring_its_toc_is_opened_without_looking_for_published_indexes(
+    registry: TestRegistry, registry_client: RegistryClient, tmp_path: Path
+) -> None:
+    """With the toc.digest annotation: no published-index lookup, and one registry request (the tail)."""
+    written = build_estargz([*HOT, *COLD], prefetch_count=None)
+    declared = Layer(
+        written.tar, written.blob, "gzip", annotations={TOC_DIGEST_ANNOTATION: written.toc_digest}
+    )
+    undeclared = Layer(written.tar, written.blob, "gzip")
+    for name, layer, lookups in (("declared", declared, 0), ("undeclared", undeclared, 1)):
+        pushed = await push_image(registry_client, registry.ref(name), [layer])
+        image = await registry_client.resolve(pushed.reference)
+        published = CountingPublishedIndexes(registry_client, image)
+        resolver = LayerResolver(
+            registry_client,
+            pushed.reference,
+            BlobCache(tmp_path / name / "cache"),
+            IndexStore(tmp_path / name / "idx"),
+            published=published,
+        )
+        mark = registry.registry.mark()
+        opened = await resolver.open_layer(image.layers[0], image.diff_ids[0])
+        assert opened.how == HOW_ESTARGZ
+        assert published.lookups == lookups, name
+        if lookups == 0:
+            assert [r.method for r in registry.registry.requests_since(mark)] == ["GET"]
