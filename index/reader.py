@@ -2,8 +2,9 @@
 
 The uncompressed stream of a gzip or zstd layer is cut into *spans* at its seek points; span
 ``i`` runs from seek point ``i`` to seek point ``i + 1`` (or the end). A read decodes the
-spans it touches from their seek points and keeps them in a bounded LRU, so the many small
-files of one span are inflated once; concurrent readers of a span share one decode. Plain tar
+spans it touches from their seek points, a span only as far as the read needs (fetching just
+those compressed bytes), and keeps the result in a bounded LRU, so the many small files of one
+span are inflated once; concurrent readers of a span share one decode. Plain tar
 is sliced directly; eStargz files are read chunk by chunk, each chunk verified against its
 digest. Bytes from ``read_range`` are trusted to be verified already (the blob cache checks
 them against ``LayerIndex.span_digests``).
@@ -36,6 +37,13 @@ THREAD_THRESHOLD = 64 << 10
 # Spans larger than this are "not randomly accessible": a cold read would have to decode them.
 DEFAULT_MAX_SPAN = 16 << 20
 _STREAM_PIECE = 4 << 20  # fetch size when a span is too large to cache and is streamed instead
+# A cold read decodes a span only up to the bytes it wants. Its first fetch is the span's
+# compressed size times the share wanted, times this margin, plus PREFIX_SLACK bytes (more are
+# fetched, PREFIX_SLACK or more at a time, if that was not enough); at PREFIX_WHOLE_SHARE of the
+# span or more, the whole span is fetched in one go.
+PREFIX_MARGIN = 1.15
+PREFIX_SLACK = 32 << 10
+PREFIX_WHOLE_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -227,7 +235,7 @@ class LayerReader:
             if span.uend - span.ustart > self._budget // 2:
                 pieces.append(await self._stream_span(span, lo, hi))
                 continue
-            data = await self._shared(span.index, self._decode_span, span)
+            data = await self._span_prefix(span, hi)
             pieces.append(data[lo - span.ustart : hi - span.ustart])
         result = b"".join(pieces)
         if len(result) != n:
@@ -250,7 +258,7 @@ class LayerReader:
             # Another task may have started on some of these spans while this one awaited.
             run = [s for s in run if s.index not in self._cache and s.index not in self._inflight]
             contiguous = all(b.index == a.index + 1 for a, b in itertools.pairwise(run))
-            if len(run) > 1 and contiguous:  # a single span goes through _shared as usual
+            if len(run) > 1 and contiguous:  # a single span goes through _span_prefix
                 await self._decode_run(run)
 
     async def _decode_run(self, run: list[_Span]) -> None:
@@ -275,9 +283,56 @@ class LayerReader:
             )
         return data
 
-    async def _decode_span(self, span: _Span) -> bytes:
-        data = await self._fetch(span.cstart, span.cend - span.cstart)
-        return await self._cpu(len(data), _decode, self.index, span, data, span.uend)
+    async def _span_prefix(self, span: _Span, upto: int) -> bytes:
+        """Return a span's decoded bytes from its start to at least ``upto``, decoding once for concurrent readers."""
+        while True:
+            data = self._cache.get(span.index)
+            if data is not None and span.ustart + len(data) >= upto:
+                self._cache.move_to_end(span.index)
+                return data
+            event = self._inflight.get(span.index)
+            if event is None:
+                break
+            await event.wait()  # then look again: it may have decoded less than this read needs
+        event = self._inflight[span.index] = trio.Event()
+        try:
+            data = await self._decode_prefix(span, upto)
+            self._forget(span.index)
+            self._remember(span.index, data)
+            return data
+        finally:
+            del self._inflight[span.index]
+            event.set()
+
+    async def _decode_prefix(self, span: _Span, upto: int) -> bytes:
+        """Decode a span from its seek point until ``upto`` at least, fetching only the compressed bytes that takes.
+
+        A small file early in a 1 MiB span needs only the compressed bytes up to its end, not the
+        whole span: the first request asks for the share of the span the wanted bytes are (plus a
+        margin for uneven compression), later ones for more until the output reaches ``upto``.
+        """
+        clen, ulen = span.cend - span.cstart, span.uend - span.ustart
+        want = upto - span.ustart
+        first = int(clen * want / ulen * PREFIX_MARGIN) + PREFIX_SLACK if ulen else clen
+        if first >= clen * PREFIX_WHOLE_SHARE:
+            data = await self._fetch(span.cstart, clen)
+            return await self._cpu(len(data), _decode, self.index, span, data, span.uend)
+        out: list[bytes] = []
+        scanner = _scanner(self.index.format, self.index.seek_points[span.index], out.append)
+        coff, step = span.cstart, first
+        produced = 0
+        while produced < want and coff < span.cend:
+            piece = await self._fetch(coff, min(step, span.cend - coff))
+            coff += len(piece)
+            await self._cpu(len(piece), _feed, scanner, piece)
+            produced = sum(map(len, out))
+            step = max(step, PREFIX_SLACK)
+        result = b"".join(out)[:ulen]
+        if len(result) < want:
+            raise TruncatedLayer(
+                f"layer {self.index.digest}: span {span.index} decodes to {len(result)} bytes, the index expects {ulen}"
+            )
+        return result
 
     async def _cpu(self, size: int, fn: Callable[..., bytes], *args: object) -> bytes:
         """Run a decode inline when small, in a worker thread when large; name the layer in errors."""
@@ -367,6 +422,11 @@ class LayerReader:
         finally:
             del self._inflight[key]
             event.set()
+
+    def _forget(self, key: Hashable) -> None:
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cached_bytes -= len(old)
 
     def _remember(self, key: Hashable, data: bytes) -> None:
         if len(data) > self._budget or key in self._cache:

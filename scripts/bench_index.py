@@ -137,7 +137,7 @@ def random_reads(index: LayerIndex, blob: bytes, tar: bytes, count: int, seed: i
             assert data == tar[start : start + min(4096, entry.size - offset)], (
                 f"wrong bytes from {entry.path}"
             )
-            assert sum(r.length for r in plan_read(index, entry, offset, 4096)) == fetched[-1]
+            assert fetched[-1] <= sum(r.length for r in plan_read(index, entry, offset, 4096))
 
     trio.run(run)
     return {

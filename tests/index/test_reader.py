@@ -14,7 +14,15 @@ from index.builder import build_index
 from index.errors import DigestMismatch, LayerFormatError
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex
 from index.reader import ByteRange, LayerReader, is_randomly_accessible, max_span_size, plan_read
-from tests.index.conftest import COMPRESSORS, blob_source, file_info, files_of, make_tar, other_info
+from tests.index.conftest import (
+    COMPRESSORS,
+    blob_source,
+    file_info,
+    files_of,
+    make_tar,
+    other_info,
+    zstd_frames,
+)
 
 BIG = b"".join(b"line %d of a big text file %x\n" % (i, i * 31) for i in range(200_000)) + os.urandom(500_000)
 TAR = make_tar(
@@ -176,3 +184,27 @@ async def test_many_concurrent_overlapping_reads_agree() -> None:
         for i in range(40):
             nursery.start_soon(one, (i * 97_531) % len(BIG))
     assert wrong == []
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd-frames"])
+async def test_a_read_early_in_a_span_fetches_only_a_prefix_of_it(compression: str) -> None:
+    """A 4 KiB read at the start of a 1 MiB span fetches a fraction of the span; reads further on still decode right."""
+    index, blob = built(compression, spacing=1 << 20)
+    if compression == "zstd-frames":
+        index, blob = (
+            build_index("m", LayerFormat.ZSTD, [zstd_frames(TAR, 1 << 20)]),
+            zstd_frames(TAR, 1 << 20),
+        )
+    big = files_of(index)["big"]
+    starts = [p.uncompressed_offset for p in index.seek_points]
+    point = next(i for i, s in enumerate(starts) if s > big.data_offset + 100_000)
+    offset = starts[point] - big.data_offset + 1000  # just after a seek point, inside "big"
+    span_end = index.seek_points[point + 1].compressed_offset if point + 1 < len(starts) else len(blob)
+    span_bytes = span_end - index.seek_points[point].compressed_offset
+    log: list[tuple[int, int]] = []
+    reader = LayerReader(index, blob_source(blob, log))
+    assert await reader.read(big, offset, 4096) == BIG[offset : offset + 4096]
+    assert 0 < sum(n for _, n in log) < span_bytes // 2
+    later = offset + 600_000  # beyond what was decoded: the span is decoded further
+    assert await reader.read(big, later, 4096) == BIG[later : later + 4096]
+    assert await reader.read(big, offset, 4096) == BIG[offset : offset + 4096]
