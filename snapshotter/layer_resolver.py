@@ -118,7 +118,7 @@ class Layer:
             log.info("prefetched layer=%s bytes=%d", self.descriptor.digest, self.prefetch_end)
 
     async def prefetch(self, entry: Entry) -> None:
-        """Fetch a regular file's compressed bytes into the cache (nothing for an unpacked layer or a huge file).
+        """Fetch a regular file's bytes into the cache ahead of its reads (nothing for an unpacked layer or a huge file).
 
         Raises:
             IntegrityError: fetched bytes failed their span digest.
@@ -128,6 +128,12 @@ class Layer:
             return
         ranges = plan_read(self.index, entry, 0, entry.size)
         if sum(r.length for r in ranges) > PREFETCH_FILE_MAX_BYTES:
+            return
+        if not entry.chunks:
+            # Through the reader: it decodes a span only as far as the file reaches, so a small
+            # library does not pull in the whole checkpoint span around it (the decoded bytes are
+            # kept in its LRU, where the loader's reads find them).
+            await self.reader.read(entry, 0, entry.size)
             return
         for span in ranges:
             if not self.blob.is_present(span.offset, span.length):
