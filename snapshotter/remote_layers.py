@@ -136,11 +136,19 @@ class FuseRemoteLayers(RemoteLayers):
         return str(self._mount_dir / _hex(chain_id))
 
     async def release(self, chain_id: str) -> None:
-        """Stop showing a chain whose snapshot was removed."""
+        """Stop showing a chain whose snapshot was removed, and forget layers no other chain uses."""
         async with self._lock:
             if self._chains.pop(chain_id, None) is not None:
                 self._operations.remove_tree(_hex(chain_id))
             self._record_path(chain_id).unlink(missing_ok=True)
+            # A layer's index and decoded-span cache can take tens of MB: a long-running daemon must
+            # not keep those of every image it ever served. Files still open in the removed tree
+            # keep their layer alive through its content source until they are closed; the cached
+            # blob stays on disk for the next image that shares it.
+            used = {id(layer) for chain in self._chains.values() for layer in chain}
+            for digest, layer in list(self._layers.items()):
+                if id(layer) not in used:
+                    del self._layers[digest]
 
     async def restore(self, chain_ids: Sequence[str]) -> None:
         """Re-expose recorded chains after a restart (parents first), from stored indexes and the cache."""
