@@ -190,10 +190,26 @@ class CachedBlob:
         length = max(0, min(length, self.size - offset))
         if length == 0:
             return b""
-        first, last = self._chunks_of(offset, length)
-        if all(self._present[first : last + 1]):
+        if self.is_present(offset, length):
             self.stats.hits += 1
-            return os.pread(self._data_fd, length, offset)
+        else:
+            await self._fetch_missing(offset, length)
+        return os.pread(self._data_fd, length, offset)
+
+    async def ensure(self, offset: int, length: int) -> None:
+        """Make blob bytes [offset, offset+length) present, fetching what is missing as an on-demand read would.
+
+        For fetching ahead of reads: unlike ``read`` it neither reads the bytes back nor counts a hit.
+
+        Raises:
+            DigestMismatch, FetchError: as ``read``.
+        """
+        if not self.is_present(offset, length):
+            await self._fetch_missing(offset, max(0, min(length, self.size - offset)))
+
+    async def _fetch_missing(self, offset: int, length: int) -> None:
+        """Fetch the missing chunks of a non-empty range at on-demand priority (background fill waits)."""
+        first, last = self._chunks_of(offset, length)
         self.stats.misses += 1
         self._activity.touch()
         self._foreground += 1
@@ -205,7 +221,6 @@ class CachedBlob:
             self._foreground -= 1
             if self._foreground == 0:
                 self._foreground_idle.set()
-        return os.pread(self._data_fd, length, offset)
 
     def store(self, offset: int, data: bytes) -> None:
         """Keep bytes fetched outside the cache (one request's answer); the chunks they cover wholly become present.

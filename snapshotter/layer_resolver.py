@@ -110,8 +110,7 @@ class Layer:
         try:
             for offset in range(0, self.prefetch_end, PREFETCH_PIECE):
                 length = min(PREFETCH_PIECE, self.prefetch_end - offset)
-                if not self.blob.is_present(offset, length):
-                    await self.blob.read(offset, length)
+                await self.blob.ensure(offset, length)
         except LazysnapError as error:
             log.warning("prefetch-failed layer=%s: %s", self.descriptor.digest, error)
         else:
@@ -136,15 +135,14 @@ class Layer:
             await self.reader.read(entry, 0, entry.size)
             return
         for span in ranges:
-            if not self.blob.is_present(span.offset, span.length):
-                await self.blob.read(span.offset, span.length)
+            await self.blob.ensure(span.offset, span.length)
 
     async def _read_ahead(self, entry: Entry) -> None:
         """On a cold read of a small file, fetch it with the next files of its directory in one request."""
         assert self.readahead is not None
         span = self.readahead.range_for(entry)
-        if span is not None and not self.blob.is_present(span.offset, span.length):
-            await self.blob.read(span.offset, span.length)
+        if span is not None:
+            await self.blob.ensure(span.offset, span.length)
 
     def _forget_chunks(self, entry: Entry, offset: int, length: int, error: LazysnapError) -> None:
         """Drop the cached bytes of the chunks a failed read used, so a later read fetches them again."""

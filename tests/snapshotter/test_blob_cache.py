@@ -283,3 +283,19 @@ async def test_stored_bytes_are_checked_against_span_digests(tmp_path: Path, blo
         blob.store(0, bad)
     assert not blob.is_present(0, CHUNK)
     blob.close()
+
+
+async def test_ensure_fetches_what_is_missing_and_nothing_else(tmp_path: Path, blob_data: bytes) -> None:
+    """ensure() fetches a missing range once as an on-demand miss; on a present range it does nothing, not even count a hit."""
+    registry = FakeRegistry(blob_data)
+    blob = BlobCache(tmp_path).open(
+        _digest(blob_data), len(blob_data), registry.fetch, chunk_size=CHUNK, min_fetch=0
+    )
+    await blob.ensure(3 * CHUNK, 2 * CHUNK)
+    assert registry.requests == [(3 * CHUNK, 2 * CHUNK)]
+    assert blob.is_present(3 * CHUNK, 2 * CHUNK)
+    await blob.ensure(3 * CHUNK + 10, 100)
+    assert len(registry.requests) == 1
+    assert (blob.stats.hits, blob.stats.misses) == (0, 1)
+    assert await blob.read(3 * CHUNK, 10) == blob_data[3 * CHUNK : 3 * CHUNK + 10]
+    blob.close()
