@@ -318,21 +318,8 @@ class LayerReader:
             data = await self._fetch(span.cstart, clen)
             return await self._cpu(len(data), _decode, self.index, span, data, span.uend)
         out: list[bytes] = []
-        scanner = _scanner(self.index.format, self.index.seek_points[span.index], out.append)
-        coff, step = span.cstart, first
-        produced = 0
-        while produced < want and coff < span.cend:
-            piece = await self._fetch(coff, min(step, span.cend - coff))
-            coff += len(piece)
-            await self._cpu(len(piece), _feed, scanner, piece)
-            produced = sum(map(len, out))
-            step = max(step, PREFIX_SLACK)
-        result = b"".join(out)[:ulen]
-        if len(result) < want:
-            raise TruncatedLayer(
-                f"layer {self.index.digest}: span {span.index} decodes to {len(result)} bytes, the index expects {ulen}"
-            )
-        return result
+        await self._decode_until(span, upto, lambda _, data: out.append(data), first, PREFIX_SLACK)
+        return b"".join(out)[:ulen]
 
     async def _cpu(self, size: int, fn: Callable[..., bytes], *args: object) -> bytes:
         """Run a decode inline when small, in a worker thread when large; name the layer in errors."""
@@ -350,26 +337,44 @@ class LayerReader:
     async def _stream_span(self, span: _Span, lo: int, hi: int) -> bytes:
         """Decode a span too large to cache from its seek point up to ``hi``, fetching it piece by piece."""
         out: list[bytes] = []
-        pos = span.ustart  # uncompressed offset of the next output byte
 
-        def keep(data: bytes) -> None:
-            """Keep the part of ``data`` that falls inside [lo, hi)."""
-            nonlocal pos
+        def keep(pos: int, data: bytes) -> None:
+            """Keep the part of ``data`` (starting at uncompressed ``pos``) that falls inside [lo, hi)."""
             if pos + len(data) > lo and pos < hi:
                 out.append(data[max(0, lo - pos) : hi - pos])
+
+        await self._decode_until(span, hi, keep, _STREAM_PIECE, _STREAM_PIECE)
+        return b"".join(out)
+
+    async def _decode_until(
+        self, span: _Span, upto: int, keep: Callable[[int, bytes], None], first: int, step: int
+    ) -> None:
+        """Decode a span from its seek point until its output reaches uncompressed offset ``upto``.
+
+        Compressed bytes are fetched ``first`` at first, then at least ``step`` at a time; each
+        decoded piece goes to ``keep`` with the uncompressed offset it starts at.
+
+        Raises:
+            TruncatedLayer: the span ends before ``upto``.
+        """
+        pos = span.ustart  # uncompressed offset of the next output byte
+
+        def sink(data: bytes) -> None:
+            nonlocal pos
+            keep(pos, data)
             pos += len(data)
 
-        scanner = _scanner(self.index.format, self.index.seek_points[span.index], keep)
-        coff = span.cstart
-        while pos < hi and coff < span.cend:
-            piece = await self._fetch(coff, min(_STREAM_PIECE, span.cend - coff))
+        scanner = _scanner(self.index.format, self.index.seek_points[span.index], sink)
+        coff, size = span.cstart, first
+        while pos < upto and coff < span.cend:
+            piece = await self._fetch(coff, min(size, span.cend - coff))
             coff += len(piece)
             await self._cpu(len(piece), _feed, scanner, piece)
-        if pos < hi:
+            size = max(size, step)
+        if pos < upto:
             raise TruncatedLayer(
-                f"layer {self.index.digest}: span {span.index} ends before uncompressed byte {hi}"
+                f"layer {self.index.digest}: span {span.index} ends before uncompressed byte {upto}"
             )
-        return b"".join(out)
 
     async def _read_chunks(self, entry: Entry, offset: int, n: int) -> bytes:
         pieces = []
