@@ -60,15 +60,21 @@ ROOT_OPTION = click.option(
     type=click.Path(file_okay=False),
     help="State directory: blob cache, stored indexes, mount records.",
 )
+PLAIN_HTTP_OPTION = click.option(
+    "--plain-http", is_flag=True, help="Use plain HTTP for this registry (automatic for localhost)."
+)
+DOCKER_CONFIG_OPTION = click.option(
+    "--docker-config",
+    type=click.Path(dir_okay=False),
+    help="Credentials file (default ~/.docker/config.json).",
+)
 
 
 @cli.command()
 @click.argument("reference")
 @click.argument("mountpoint", type=click.Path())
 @ROOT_OPTION
-@click.option(
-    "--plain-http", is_flag=True, help="Use plain HTTP for this registry (automatic for localhost)."
-)
+@PLAIN_HTTP_OPTION
 @click.option("--foreground", is_flag=True, help="Stay attached: serve until unmounted or interrupted.")
 @click.option(
     "--eager", is_flag=True, help="Download and unpack every layer first (the baseline), then bind-mount."
@@ -78,11 +84,7 @@ ROOT_OPTION = click.option(
     is_flag=True,
     help="Fetch only what is read; don't fill layers in the background.",
 )
-@click.option(
-    "--docker-config",
-    type=click.Path(dir_okay=False),
-    help="Credentials file (default ~/.docker/config.json).",
-)
+@DOCKER_CONFIG_OPTION
 @click.option("--status-fd", type=int, hidden=True)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def mount(
@@ -163,14 +165,8 @@ def index_group() -> None:
 @index_group.command("push")
 @click.argument("reference")
 @ROOT_OPTION
-@click.option(
-    "--plain-http", is_flag=True, help="Use plain HTTP for this registry (automatic for localhost)."
-)
-@click.option(
-    "--docker-config",
-    type=click.Path(dir_okay=False),
-    help="Credentials file (default ~/.docker/config.json).",
-)
+@PLAIN_HTTP_OPTION
+@DOCKER_CONFIG_OPTION
 @click.option(
     "--spacing",
     default=1 << 20,
