@@ -33,16 +33,6 @@ ZSTD_FRAME = 256 << 10
 ESTARGZ_CHUNK = 1 << 20
 
 
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[CliSession]:
-    """A lazysnap CLI session with its own root; everything it mounted is gone afterwards."""
-    session = CliSession(tmp_path / "root")
-    try:
-        yield session
-    finally:
-        session.cleanup()
-
-
 def directories(tmp_path: Path, *names: str) -> list[Path]:
     """Fresh empty directories under ``tmp_path``."""
     paths = [tmp_path / name for name in names]

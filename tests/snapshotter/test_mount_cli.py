@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,6 @@ from tests.support.registry import TestRegistry
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 STOPS_WITHIN = 15.0  # seconds for a daemon to unmount and exit
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[CliSession]:
-    """A lazysnap CLI session with its own root; everything it mounted is gone afterwards."""
-    session = CliSession(tmp_path / "root")
-    try:
-        yield session
-    finally:
-        session.cleanup()
 
 
 @pytest.fixture(scope="module")
