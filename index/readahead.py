@@ -40,7 +40,8 @@ class SiblingReadahead:
         self._index = index
         self._budget = budget
         self._files: list[Entry] = []
-        self._position: dict[int, int] | None = None  # built on the first cold read, not at mount time
+        self._position: dict[int, int] | None = None  # built on the first read, not at mount time
+        self._ranges: dict[int, ByteRange | None] = {}  # by id(entry): computed once per file read
 
     def _position_of(self, entry: Entry) -> int | None:
         if self._position is None:
@@ -53,7 +54,14 @@ class SiblingReadahead:
 
         None when ``entry`` is not a non-empty regular file of this index or is itself larger than
         the budget (its own read is large enough; the caller then reads just what it needs).
+        Computed once per entry: every read of a file asks, cached or not.
         """
+        key = id(entry)
+        if key not in self._ranges:
+            self._ranges[key] = self._compute(entry)
+        return self._ranges[key]
+
+    def _compute(self, entry: Entry) -> ByteRange | None:
         position = self._position_of(entry)
         if position is None:
             return None
