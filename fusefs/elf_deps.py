@@ -64,18 +64,24 @@ class ElfDeps:
         return dirs
 
 
-async def read_elf_deps(read: ReadAt, size: int) -> ElfDeps | None:
+async def read_elf_deps(
+    read: ReadAt, size: int, on_interpreter: Callable[[ElfDeps], None] | None = None
+) -> ElfDeps | None:
     """Return the interpreter and needed libraries of an ELF file, or None if it is not a dynamic ELF file.
 
     ``read(offset, length)`` returns the file's bytes (fewer at the end); its errors propagate.
+    ``on_interpreter`` is called with the machine and interpreter as soon as the program headers
+    are read: the dynamic segment is often at the far end of the file, a fetch of its own.
     """
     try:
-        return await _read_elf_deps(read, size)
+        return await _read_elf_deps(read, size, on_interpreter)
     except _Short:
         return None
 
 
-async def _read_elf_deps(read: ReadAt, size: int) -> ElfDeps | None:
+async def _read_elf_deps(
+    read: ReadAt, size: int, on_interpreter: Callable[[ElfDeps], None] | None
+) -> ElfDeps | None:
     head = await read(0, 64)
     if len(head) < 52 or head[:4] != ELF_MAGIC or head[4] not in (1, 2) or head[5] not in (1, 2):
         return None
@@ -105,6 +111,8 @@ async def _read_elf_deps(read: ReadAt, size: int) -> ElfDeps | None:
             deps.interpreter = (await read(p_offset, p_filesz)).split(b"\0", 1)[0].decode("utf-8", "replace")
         elif p_type == _PT_DYNAMIC and 0 < p_filesz <= _MAX_DYNAMIC and p_offset + p_filesz <= size:
             dynamic = (p_offset, p_filesz)
+    if on_interpreter is not None and deps.interpreter:
+        on_interpreter(deps)
     if dynamic is None:
         return deps
     await _read_dynamic(read, size, deps, dynamic, loads, is64, order)

@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 # glibc's loader reads this first, to look the libraries up, before it opens any of them.
 LOADER_CACHE = "etc/ld.so.cache"
+# Every program glibc's loader runs needs the C library: it is fetched as soon as the
+# interpreter is known, before the dynamic segment (often a fetch of its own) confirms it.
+GLIBC_LOADER = "ld-linux"
+GLIBC = "libc.so.6"
+# The first read of an executable file larger than this fetches the whole file at once.
+WHOLE_FILE_THRESHOLD = 256 << 10
 # Libraries of libraries are followed this deep (libpython -> libz...); the set of
 # libraries already handled stops cycles.
 MAX_DEPTH = 2
@@ -54,6 +60,28 @@ class LibraryPrefetcher:
         self._tree = tree
         self._source = source
         self._handled: set[int] = set()  # node indexes inspected or prefetched already
+        self._whole: set[int] = set()  # executable files fetched whole at their first read
+
+    def before_read(self, node: Node, offset: int) -> None:
+        """A read is starting: the first read at offset 0 of a large executable file fetches all of it.
+
+        A program's loader needs its dynamic segment (often at the far end of the file, in a
+        chunk of its own) before the libraries can be named, and maps the rest soon after:
+        requesting every chunk now keeps the link busy instead of one round trip per chunk.
+        """
+        entry = node.entry
+        if offset != 0 or not entry.mode & 0o111 or entry.size <= WHOLE_FILE_THRESHOLD:
+            return
+        if node.index in self._whole or node.index in self._handled:
+            return
+        self._whole.add(node.index)
+        trio.lowlevel.spawn_system_task(self._prefetch_whole, node, name=f"prefetch {entry.path}")
+
+    async def _prefetch_whole(self, node: Node) -> None:
+        try:
+            await self._source.prefetch(node.layer, node.entry)
+        except Exception as error:  # a hint only: the read itself fetches what it needs
+            log.debug("prefetch path=%s: %s", node.entry.path, error)
 
     def note_read(self, node: Node, offset: int, data: bytes) -> None:
         """Look at a read that just succeeded; start prefetching if it is the head of an ELF file."""
@@ -73,16 +101,24 @@ class LibraryPrefetcher:
 
     async def _follow(self, node: Node, depth: int, nursery: trio.Nursery) -> None:
         """Read ``node``'s ELF dependencies; prefetch each new one and follow it in turn."""
-        deps = await read_elf_deps(self._reader(node), node.entry.size)
-        if deps is None:
-            return
-        for library in self._resolve(node, deps):
-            if library.index in self._handled:
-                continue
-            self._handled.add(library.index)
-            nursery.start_soon(self._source.prefetch, library.layer, library.entry)
-            if depth + 1 < MAX_DEPTH:
-                nursery.start_soon(self._follow, library, depth + 1, nursery)
+
+        def start(libraries: list[Node]) -> None:
+            for library in libraries:
+                if library.index in self._handled:
+                    continue
+                self._handled.add(library.index)
+                nursery.start_soon(self._source.prefetch, library.layer, library.entry)
+                if depth + 1 < MAX_DEPTH:
+                    nursery.start_soon(self._follow, library, depth + 1, nursery)
+
+        def on_interpreter(early: ElfDeps) -> None:
+            if GLIBC_LOADER in early.interpreter:
+                early = ElfDeps(early.machine, early.interpreter, [GLIBC])
+            start(self._resolve(node, early))
+
+        deps = await read_elf_deps(self._reader(node), node.entry.size, on_interpreter)
+        if deps is not None:
+            start(self._resolve(node, deps))
 
     def _reader(self, node: Node) -> ReadAt:
         async def read_at(offset: int, length: int) -> bytes:

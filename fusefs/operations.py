@@ -28,6 +28,7 @@ from typing import Protocol
 
 import pyfuse3
 
+from fusefs.import_prefetch import ImportPrefetcher
 from fusefs.library_prefetch import LibraryPrefetcher, PrefetchingSource
 from fusefs.merged_tree import MergedTree, Node
 from index.errors import LazysnapError
@@ -66,11 +67,15 @@ class _Tree:
     tree: MergedTree
     source: ContentSource
     base: int
-    prefetcher: LibraryPrefetcher | None = None
+    # Read-ahead driven by what files say they need next: a program's libraries, a module's imports.
+    prefetchers: tuple[LibraryPrefetcher | ImportPrefetcher, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.source, PrefetchingSource):
-            self.prefetcher = LibraryPrefetcher(self.tree, self.source)
+            self.prefetchers = (
+                LibraryPrefetcher(self.tree, self.source),
+                ImportPrefetcher(self.tree, self.source),
+            )
 
 
 def _size(entry: Entry) -> int:
@@ -331,6 +336,8 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         length = min(size, entry.size - off)
         if length <= 0 or entry.type is not EntryType.FILE:
             return b""
+        for prefetcher in owner.prefetchers:
+            prefetcher.before_read(node, off)
         try:
             data = await owner.source.read(node.layer, entry, off, length)
         except LazysnapError as error:
@@ -364,8 +371,8 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
                 length,
             )
             raise pyfuse3.FUSEError(errno.EIO)
-        if owner.prefetcher is not None:
-            owner.prefetcher.note_read(node, off, data)
+        for prefetcher in owner.prefetchers:
+            prefetcher.note_read(node, off, data)
         return data
 
     async def release(self, fh: int) -> None:

@@ -7,7 +7,10 @@ import time
 from pathlib import Path
 
 import trio
+import trio.testing
 
+from fusefs.elf_deps import ElfDeps, read_elf_deps
+from fusefs.library_prefetch import WHOLE_FILE_THRESHOLD, LibraryPrefetcher
 from fusefs.merged_tree import MergedTree
 from fusefs.operations import ReadOnlyOperations
 from index.model import Entry
@@ -104,3 +107,49 @@ def test_sources_without_prefetch_are_served_as_before(mountpoint: Path) -> None
     with serve(ReadOnlyOperations(tree, source), mountpoint):
         result = subprocess.run(["chroot", str(mountpoint), "/usr/bin/true"], capture_output=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_first_read_of_a_large_executable_fetches_all_of_it_at_once() -> None:
+    """An executable over the threshold is prefetched whole when its first read starts; small or plain files are not."""
+    big = WHOLE_FILE_THRESHOLD + 1
+    entries = [
+        Entry("", T.DIR, 0o755),
+        Entry("prog", T.FILE, 0o755, size=big),
+        Entry("tiny", T.FILE, 0o755, size=100),
+        Entry("data", T.FILE, 0o644, size=big),
+    ]
+    tree = MergedTree.build([entries])
+    source = PrefetchRecordingSource({})
+
+    async def main() -> None:
+        prefetcher = LibraryPrefetcher(tree, source)
+        for path in ("prog", "tiny", "data"):
+            node = tree.resolve(path)
+            assert node is not None
+            prefetcher.before_read(node, 0)
+            prefetcher.before_read(node, 0)  # a second first read: nothing more
+        prog = tree.resolve("prog")
+        assert prog is not None
+        prefetcher.before_read(prog, 4096)
+        await trio.testing.wait_all_tasks_blocked()
+
+    trio.run(main)
+    assert source.prefetched == ["prog"]
+
+
+def test_the_interpreter_is_reported_before_the_dynamic_segment_is_read() -> None:
+    """read_elf_deps names the interpreter as soon as the program headers are read (its callback runs first)."""
+    content = Path("/usr/bin/true").read_bytes()
+    events: list[str] = []
+
+    async def read_at(offset: int, length: int) -> bytes:
+        events.append(f"read {offset}")
+        return content[offset : offset + length]
+
+    def on_interpreter(deps: ElfDeps) -> None:
+        events.append(f"interpreter {deps.interpreter}")
+
+    deps = trio.run(read_elf_deps, read_at, len(content), on_interpreter)
+    assert deps is not None and "libc.so.6" in deps.needed
+    reported = next(i for i, e in enumerate(events) if e.startswith("interpreter /lib64/ld-linux"))
+    assert reported < len(events) - 1, "the dynamic segment and its strings are read after the report"
