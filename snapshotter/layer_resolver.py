@@ -134,8 +134,11 @@ class Layer:
             # kept in its LRU, where the loader's reads find them).
             await self.reader.read(entry, 0, entry.size)
             return
-        for span in ranges:
-            await self.blob.ensure(span.offset, span.length)
+        # Each chunk is its own request, all at once: a later chunk (where a program's dynamic
+        # section usually is) then arrives no later than the first one.
+        async with trio.open_nursery() as nursery:
+            for span in ranges:
+                nursery.start_soon(self.blob.ensure, span.offset, span.length)
 
     async def _read_ahead(self, entry: Entry) -> None:
         """On a cold read of a small file, fetch it with the next files of its directory in one request."""
@@ -255,7 +258,7 @@ class LayerResolver:
         fmt = layer_format(descriptor.media_type)
         # A layer that declares its TOC (the annotation ctr-remote writes) is served from it: looking
         # for a published index first would only cost a round trip to the registry.
-        declared_estargz = fmt is LayerFormat.GZIP and TOC_DIGEST_ANNOTATION in descriptor.annotations
+        declared_estargz = declares_estargz_toc(descriptor)
         published = None
         if self._published is not None and not declared_estargz:
             published = await self._published.get(descriptor, diff_id)
@@ -438,6 +441,14 @@ class ChainSource:
             f"{entry.path} in layer {self.layers[layer].descriptor.digest}: bytes {offset}-{offset + length} "
             f"not read within {self.read_timeout} s; the registry may be unreachable"
         )
+
+
+def declares_estargz_toc(descriptor: Descriptor) -> bool:
+    """Whether a gzip layer declares an eStargz TOC (the annotation ``ctr-remote`` writes): served from it."""
+    return (
+        layer_format(descriptor.media_type) is LayerFormat.GZIP
+        and TOC_DIGEST_ANNOTATION in descriptor.annotations
+    )
 
 
 async def verify_layer(layer: Layer, diff_id: str) -> None:

@@ -7,6 +7,7 @@ and SIGINT unmount the filesystem, which ends the loop; a dead mount is never le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from index.errors import LazysnapError
 from snapshotter.blob_cache import BlobCache
 from snapshotter.index_artifacts import PublishedIndexes
 from snapshotter.index_store import WriteBehindIndexStore
-from snapshotter.layer_resolver import ChainSource, Layer, LayerResolver, verify_layer
+from snapshotter.layer_resolver import ChainSource, Layer, LayerResolver, declares_estargz_toc, verify_layer
 from snapshotter.mount_state import MountRecord, control_socket_path, remove_record, write_record
 from snapshotter.registry_client import RegistryClient, ResolvedImage
 
@@ -86,6 +87,7 @@ class MountDaemon:
         self.background_errors: list[str] = []
         # Indexes obtained while mounting are written once the mount is ready, not before.
         self.store = WriteBehindIndexStore(Path(options.root) / "indexes")
+        self._diff_ids_loaded = trio.Event()
 
     def stats(self) -> dict[str, Any]:
         """The mount's statistics as one JSON-able document."""
@@ -111,15 +113,15 @@ class MountDaemon:
             async with RegistryClient(
                 plain_http=options.plain_http, docker_config_path=options.docker_config_path
             ) as client:
-                self.image = await client.resolve(options.reference)
+                image = self.image = await client.resolve_manifest(options.reference)
                 resolver = LayerResolver(
-                    client,
-                    self.image.reference,
-                    cache,
-                    self.store,
-                    published=PublishedIndexes(client, self.image),
+                    client, image.reference, cache, self.store, published=PublishedIndexes(client, image)
                 )
-                await self._open_layers(resolver, self.image)
+                async with trio.open_nursery() as nursery:
+                    # The config (for the DiffIDs) comes while the layers open: a layer that
+                    # declares its eStargz TOC does not need its DiffID until it is verified.
+                    nursery.start_soon(self._load_diff_ids, client, image)
+                    await self._open_layers(resolver, image)
                 await self._serve()
         except LazysnapError as error:
             self.status.send("error", message=str(error))
@@ -132,6 +134,16 @@ class MountDaemon:
             self.status.close()
         return 0
 
+    async def _load_diff_ids(self, client: RegistryClient, image: ResolvedImage) -> None:
+        self.image = dataclasses.replace(image, diff_ids=await client.load_diff_ids(image))
+        self._diff_ids_loaded.set()
+
+    async def _diff_id(self, number: int) -> str:
+        """Layer ``number``'s DiffID from the config, once it is loaded."""
+        await self._diff_ids_loaded.wait()
+        assert self.image is not None
+        return self.image.diff_ids[number] if number < len(self.image.diff_ids) else ""
+
     async def _open_layers(self, resolver: LayerResolver, image: ResolvedImage) -> None:
         opened: list[Layer | None] = [None] * len(image.layers)
         limiter = trio.CapacityLimiter(PARALLEL_LAYER_OPENS)
@@ -142,7 +154,7 @@ class MountDaemon:
         async def open_one(number: int) -> None:
             async with limiter:
                 descriptor = image.layers[number]
-                diff_id = image.diff_ids[number] if number < len(image.diff_ids) else ""
+                diff_id = "" if declares_estargz_toc(descriptor) else await self._diff_id(number)
                 layer = await resolver.open_layer(descriptor, diff_id, progress)
                 opened[number] = layer
                 self.status.send(

@@ -7,6 +7,7 @@ distribution API: manifests, indexes, platforms, blobs, ranges and uploads.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
@@ -178,6 +179,15 @@ class RegistryClient:
 
     async def resolve(self, ref: Reference | str, platform: Platform | None = None) -> ResolvedImage:
         """Resolve a reference to one platform's manifest, config and layers; raises RegistryError subclasses."""
+        image = await self.resolve_manifest(ref, platform)
+        return dataclasses.replace(image, diff_ids=await self.load_diff_ids(image))
+
+    async def resolve_manifest(self, ref: Reference | str, platform: Platform | None = None) -> ResolvedImage:
+        """Resolve a reference to one platform's manifest and layers, without fetching the config.
+
+        The result's ``diff_ids`` is empty: ``load_diff_ids`` fetches them, for example while the
+        layers are being opened. Raises RegistryError subclasses.
+        """
         ref = parse_reference(ref) if isinstance(ref, str) else ref
         platform = platform or Platform()
         body, media_type, digest = await self.fetch_manifest(ref)
@@ -203,10 +213,13 @@ class RegistryClient:
         layers = [parse_descriptor(layer, f"image {ref}: layer {i}") for i, layer in enumerate(raw_layers)]
         for i, layer in enumerate(layers):
             mt.layer_compression(layer.media_type, f"image {ref}: layer {i} ({layer.digest})")
-        diff_ids = diff_ids_from_config(
-            ref, parse_json_object(ref, await self.fetch_blob(ref, config.digest), "config"), len(layers)
-        )
-        return ResolvedImage(ref, digest, media_type, config, layers, diff_ids)
+        return ResolvedImage(ref, digest, media_type, config, layers, [])
+
+    async def load_diff_ids(self, image: ResolvedImage) -> list[str]:
+        """Fetch the image config and return its DiffIDs, one per layer; raises RegistryError subclasses."""
+        ref = image.reference
+        config = parse_json_object(ref, await self.fetch_blob(ref, image.config.digest), "config")
+        return diff_ids_from_config(ref, config, len(image.layers))
 
     # -- blobs -----------------------------------------------------------------------------------
 

@@ -301,3 +301,19 @@ async def test_plain_http_loads_no_ca_bundle(registry: TestRegistry, monkeypatch
         image = await client.resolve(ref)
         await client.read_range(ref, image.layers[0].digest, 0, 10)
     assert built == []
+
+
+async def test_resolve_manifest_leaves_the_config_for_later(
+    registry: TestRegistry, registry_client: RegistryClient
+) -> None:
+    """resolve_manifest gives the layers without the config; load_diff_ids then gives what resolve gives."""
+    ref = registry.ref("split-resolve")
+    await push_image(registry_client, ref, sample_layers())
+    before = registry_client.bytes_fetched
+    manifest_only = await registry_client.resolve_manifest(ref)
+    assert registry_client.bytes_fetched == before  # no blob (the config is one) was fetched
+    full = await registry_client.resolve(ref)
+    assert manifest_only.diff_ids == []
+    assert manifest_only.layers == full.layers and manifest_only.config == full.config
+    assert await registry_client.load_diff_ids(manifest_only) == full.diff_ids
+    assert len(full.diff_ids) == len(full.layers)
