@@ -315,9 +315,23 @@ def _checked(record: Any) -> Mapping[str, Any]:
 
 
 def _records(toc: Any) -> list[Mapping[str, Any]]:
+    """The TOC's entry records; each is a JSON object with a string name (field types are checked as they are read)."""
     if not isinstance(toc, dict) or toc.get("version") != 1 or not isinstance(toc.get("entries"), list):
         raise ValueError("not a version 1 TOC with an entries list")
-    return [_checked(record) for record in toc["entries"]]
+    records: list[Mapping[str, Any]] = toc["entries"]
+    for record in records:
+        if type(record) is not dict or type(record.get("name")) is not str:
+            raise ValueError(f"not a TOC entry: {record!r}")
+    return records
+
+
+def _bad_field(record: Mapping[str, Any]) -> ValueError:
+    """The error for a record whose fields failed the quick type check: ``_checked`` names the field."""
+    try:
+        _checked(record)
+    except ValueError as exc:
+        return exc
+    return ValueError(f"malformed TOC entry: {record!r}")  # not reached: the quick check is stricter
 
 
 def _normalize(name: str) -> str:
@@ -357,7 +371,8 @@ def _build(
         entries, prefetch_count, prefetch_end = _entries(records, toc_offset)
     except UnsafePath as exc:
         raise UnsafePath(f"layer {digest}: {exc}") from None
-    except (ValueError, UnicodeDecodeError, KeyError) as exc:
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        # TypeError: a field of the wrong JSON type met before its record was checked (the member map).
         raise EstargzError(f"layer {digest}: bad TOC: {exc}") from None
     index = LayerIndex(
         media_type=media_type,
@@ -373,7 +388,7 @@ def _build(
 
 
 def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[Entry], int | None, int]:
-    """Turn checked TOC records into entries (one constructor call each); raises ValueError, UnsafePath."""
+    """Turn TOC records into entries, checking each field's type as it is read; raises ValueError, UnsafePath."""
     ends = _member_ends(records, toc_offset)
     entries: list[Entry] = []
     prefetch_count: int | None = None
@@ -398,39 +413,45 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
             raise ValueError(f"unknown entry type {record.get('type')!r}")
         if not path and kind is not EntryType.DIR:
             raise UnsafePath(f"entry {record['name']!r} of type {kind.value} would replace the layer root")
-        link = record.get("linkName", "")
+        get = record.get
+        # One read of each field, with the type check the TOC's schema requires (JSON true and
+        # false are bools: type() rather than isinstance()); a failure names the field.
+        mode, uid, gid, size, major, minor = (
+            get("mode", 0), get("uid", 0), get("gid", 0), get("size", 0), get("devMajor", 0), get("devMinor", 0)
+        )  # fmt: skip
+        link, uname, gname, modtime = (
+            get("linkName", ""),
+            get("userName", ""),
+            get("groupName", ""),
+            get("modtime", ""),
+        )
+        if not (
+            type(mode) is type(uid) is type(gid) is type(size) is type(major) is type(minor) is int
+            and type(link) is type(uname) is type(gname) is type(modtime) is str
+            and min(mode, uid, gid, size, major, minor) >= 0
+        ):
+            raise _bad_field(record)
         if kind is EntryType.HARDLINK:
             link = normalize_path(link)
             if seen.get(link, EntryType.DIR) is EntryType.DIR:
                 # As for tar layers: a hardlink may only name an earlier non-directory of this layer.
                 raise UnsafePath(f"hardlink {path!r} points to {link!r}, not an earlier file")
         seen[path] = kind
-        size = record.get("size", 0) if kind is EntryType.FILE else 0
+        if kind is not EntryType.FILE:
+            size = 0
         chunks: tuple[Chunk, ...] = ()
         if size:
             chunks, position = _file_chunks(records, position - 1, path, size, ends)
-        modtime = record.get("modtime", "")
         mtime_ns = modtimes.get(modtime)
         if mtime_ns is None:
             mtime_ns = modtimes[modtime] = parse_modtime(modtime) if modtime else 0
+        # Positional: this runs once per entry and keyword calls cost measurably more.
         entries.append(
             Entry(
-                path=path,
-                type=kind,
-                mode=record.get("mode", 0) & 0o7777,
-                uid=record.get("uid", 0),
-                gid=record.get("gid", 0),
-                uname=record.get("userName", ""),
-                gname=record.get("groupName", ""),
-                size=size,
-                mtime_ns=mtime_ns,
-                link_target=link,
-                xattrs=_xattrs(record),
-                devmajor=record.get("devMajor", 0),
-                devminor=record.get("devMinor", 0),
-                chunks=chunks,
+                path, kind, mode & 0o7777, uid, gid, uname, gname, size, mtime_ns, link, _xattrs(record),
+                major, minor, -1, chunks,
             )
-        )
+        )  # fmt: skip
     return entries, prefetch_count, prefetch_end
 
 
@@ -444,24 +465,23 @@ def _file_chunks(
     position = first
     while True:
         record = records[position]
-        start = record.get("chunkOffset", 0)
+        get = record.get
+        start, length, offset, inner, digest = (
+            get("chunkOffset", 0), get("chunkSize", 0), get("offset", 0), get("innerOffset", 0), get("chunkDigest", "")
+        )  # fmt: skip
+        if not (
+            type(start) is type(length) is type(offset) is type(inner) is int
+            and type(digest) is str
+            and min(start, length, offset, inner) >= 0
+        ):
+            raise _bad_field(record)
         if start != covered:
             raise ValueError(f"chunk of {path!r} starts at {start}, expected {covered}")
         # chunkSize 0 means "to the end of the file" (the last or only chunk).
-        length = record.get("chunkSize", 0) or size - start
+        length = length or size - start
         if length <= 0 or start + length > size:
             raise ValueError(f"chunk of {path!r} at {start} size {length} exceeds the file")
-        offset = record.get("offset", 0)
-        chunks.append(
-            Chunk(
-                start,
-                length,
-                offset,
-                ends[offset],
-                record.get("innerOffset", 0),
-                record.get("chunkDigest", ""),
-            )
-        )
+        chunks.append(Chunk(start, length, offset, ends[offset], inner, digest))
         covered = start + length
         position += 1
         if position == len(records) or records[position].get("type") != "chunk":

@@ -405,6 +405,25 @@ class TestBadInput:
         """A chunk entry not following its file is refused."""
         await self._expect_bad_toc(lambda e: e.insert(0, {"name": "zz", "type": "chunk", "offset": 0}))
 
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("mode", "0755"),
+            ("uid", -1),
+            ("size", True),  # JSON true is not a number
+            ("size", "3000"),
+            ("offset", [1]),
+            ("chunkSize", 1.5),
+            ("chunkDigest", 7),
+            ("linkName", None),
+            ("modtime", 0),
+            ("type", ["reg"]),
+        ],
+    )
+    async def test_fields_of_the_wrong_json_type(self, field: str, value: object) -> None:
+        """A field of the wrong JSON type (or a negative number) is a clean EstargzError naming the layer."""
+        await self._expect_bad_toc(lambda e: e[1].update({field: value}))
+
     async def test_unknown_type(self) -> None:
         """An unknown entry type is refused."""
         await self._expect_bad_toc(lambda e: e[0].update(type="socket"))
