@@ -41,6 +41,18 @@ _MULTIARCH = {
 _STANDARD_DIRS = ("lib64", "usr/lib64", "lib", "usr/lib", "usr/local/lib")
 
 
+def multiarch_triplet(machine: int) -> str | None:
+    """Debian's multiarch directory name (``x86_64-linux-gnu``) for an ELF ``e_machine``, if known."""
+    return _MULTIARCH.get(machine)
+
+
+def elf_machine(head: bytes) -> int | None:
+    """The ``e_machine`` of an ELF file from its first 20 bytes, or None if they are not an ELF header."""
+    if len(head) < 20 or head[:4] != ELF_MAGIC or head[5] not in (1, 2):
+        return None
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
 @dataclass
 class ElfDeps:
     """The loader-relevant facts of one ELF file (paths as written in the file)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import trio
 
-from fusefs.elf_deps import ELF_MAGIC
+from fusefs.elf_deps import ELF_MAGIC, elf_machine, multiarch_triplet
 from fusefs.library_prefetch import PrefetchingSource
 from fusefs.merged_tree import MergedTree, Node
 from fusefs.python_imports import FROZEN_SINCE_311, ImportStatement, pyc_imports, source_imports
@@ -58,6 +58,15 @@ STARTUP_MODULES = (
     "_collections_abc",
     "_sitebuiltins",
     "sitecustomize",
+)
+# What CPython's start reads through the C library (glibc), one after the other, before its
+# first import: the LC_CTYPE of the C.UTF-8 locale it coerces to when none is set (PEP 538),
+# glibc's charset converter registry, and the local time zone (the time module's tzset).
+STARTUP_DATA = (
+    "usr/lib/locale/C.utf8/LC_CTYPE",
+    "usr/lib/locale/C.UTF-8/LC_CTYPE",
+    "usr/lib/{triplet}/gconv/gconv-modules.cache",
+    "etc/localtime",
 )
 _INTERPRETER = re.compile(r"^python(\d)\.(\d+)$")
 _PYC_NAME = re.compile(r"^(?P<module>[^.]+)\.(?P<tag>[A-Za-z]+-\d+(?:\.opt-\d+)?)\.pyc$")
@@ -112,7 +121,7 @@ class ImportPrefetcher:
         if offset != 0 or node.index in self._handled:
             return
         if data.startswith(ELF_MAGIC):
-            self._note_interpreter(node)
+            self._note_interpreter(node, data)
             return
         module = module_file(node.entry.path)
         if module is None or module.kind == "ext":
@@ -125,8 +134,8 @@ class ImportPrefetcher:
             self._run, node, module, whole, name=f"import-prefetch {node.entry.path}"
         )
 
-    def _note_interpreter(self, node: Node) -> None:
-        """A Python interpreter starting: prefetch the modules it imports before any of the program's."""
+    def _note_interpreter(self, node: Node, head: bytes) -> None:
+        """A Python interpreter starting: prefetch what it reads before any of the program's modules."""
         match = _INTERPRETER.match(posixpath.basename(node.entry.path))
         if match is None:
             return
@@ -140,13 +149,24 @@ class ImportPrefetcher:
         stdlib = ModuleFile(f"usr/lib/python{major}.{minor}", "__main__", f"cpython-{major}{minor}", "pyc")
         local = ModuleFile(f"usr/local/lib/python{major}.{minor}", "__main__", stdlib.tag, "pyc")
         importer = local if self._tree.resolve(local.directory) is not None else stdlib
+        machine = elf_machine(head)
+        triplet = multiarch_triplet(machine) if machine is not None else None
+        data = [path.format(triplet=triplet) for path in STARTUP_DATA if triplet or "{triplet}" not in path]
         trio.lowlevel.spawn_system_task(
-            self._run_startup, importer, startup, name=f"import-prefetch {node.entry.path}"
+            self._run_startup, importer, startup, data, name=f"import-prefetch {node.entry.path}"
         )
 
-    async def _run_startup(self, importer: ModuleFile, startup: list[ImportStatement]) -> None:
+    async def _run_startup(
+        self, importer: ModuleFile, startup: list[ImportStatement], data: list[str]
+    ) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                for path in data:
+                    target = self._tree.resolve(path)
+                    if target is None or not _is_file(target) or target.index in self._handled:
+                        continue
+                    self._handled.add(target.index)
+                    nursery.start_soon(self._prefetch, target)
                 self._follow_all(importer, startup, nursery)
         except Exception as error:  # a hint only: never let it reach the trio run
             log.debug("import-prefetch interpreter %s: %s", importer.directory, error)

@@ -183,13 +183,26 @@ def test_import_json_prefetches_every_module_python_loads_for_it_and_nothing_it_
 
 
 def test_starting_the_interpreter_prefetches_the_modules_it_imports_by_itself() -> None:
-    """The first read of bin/pythonX.Y fetches encodings (and the codec of a UTF-8 locale) before any import runs."""
+    """The first read of bin/pythonX.Y fetches encodings, the UTF-8 codec and the C library's start-up data."""
     tree, source, _, root = stdlib_image()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     binary = f"usr/bin/python{version}"
+    gconv = "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache"
     entries = [e.entry for _, e in tree.walk() if e.entry.path] + [
         Entry("usr/bin", T.DIR, 0o755),
         Entry(binary, T.FILE, 0o755, size=64),
+        # What the C library reads for CPython's start: locale, charset registry, time zone.
+        Entry("usr/lib/locale", T.DIR, 0o755),
+        Entry("usr/lib/locale/C.utf8", T.DIR, 0o755),
+        Entry("usr/lib/locale/C.utf8/LC_CTYPE", T.FILE, 0o644, size=10),
+        Entry("usr/lib/x86_64-linux-gnu", T.DIR, 0o755),
+        Entry("usr/lib/x86_64-linux-gnu/gconv", T.DIR, 0o755),
+        Entry(gconv, T.FILE, 0o644, size=10),
+        Entry("usr/share", T.DIR, 0o755),
+        Entry("usr/share/zoneinfo", T.DIR, 0o755),
+        Entry("usr/share/zoneinfo/UTC", T.FILE, 0o644, size=10),
+        Entry("etc", T.DIR, 0o755),
+        Entry("etc/localtime", T.SYMLINK, 0o777, link_target="/usr/share/zoneinfo/UTC"),
     ]
     tree = MergedTree.build([[Entry("", T.DIR, 0o755), *entries]])
     node = tree.resolve(binary)
@@ -198,7 +211,8 @@ def test_starting_the_interpreter_prefetches_the_modules_it_imports_by_itself() 
 
     async def main() -> None:
         prefetcher = ImportPrefetcher(tree, source)
-        prefetcher.note_read(node, 0, b"\x7fELF" + bytes(60))
+        x86_64_header = b"\x7fELF\x02\x01\x01" + bytes(11) + (62).to_bytes(2, "little")  # e_machine EM_X86_64
+        prefetcher.note_read(node, 0, x86_64_header + bytes(44))
         await trio.testing.wait_all_tasks_blocked(cushion=0.05)
 
     trio.run(main)
@@ -207,3 +221,4 @@ def test_starting_the_interpreter_prefetches_the_modules_it_imports_by_itself() 
         package, _, name = module.rpartition("/")
         assert f"{root}/{package}/__pycache__/{name}.{tag}.pyc" in fetched
     assert f"{root}/__pycache__/os.{tag}.pyc" not in fetched  # served frozen since 3.11: never read
+    assert {"usr/lib/locale/C.utf8/LC_CTYPE", gconv, "usr/share/zoneinfo/UTC"} <= set(source.prefetched)
