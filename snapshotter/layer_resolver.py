@@ -144,8 +144,13 @@ class Layer:
         """On a cold read of a small file, fetch it with the next files of its directory in one request."""
         assert self.readahead is not None
         span = self.readahead.range_for(entry)
-        if span is not None:
-            await self.blob.ensure(span.offset, span.length)
+        if span is None:
+            return
+        # Only a cold read brings the neighbours along: a read of a file already cached
+        # (prefetched, or read before) must not wait for files it did not ask for.
+        if all(self.blob.is_present(r.offset, r.length) for r in plan_read(self.index, entry, 0, entry.size)):
+            return
+        await self.blob.ensure(span.offset, span.length)
 
     def _forget_chunks(self, entry: Entry, offset: int, length: int, error: LazysnapError) -> None:
         """Drop the cached bytes of the chunks a failed read used, so a later read fetches them again."""

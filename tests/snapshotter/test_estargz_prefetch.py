@@ -87,3 +87,34 @@ async def test_a_layer_declaring_its_toc_is_opened_without_looking_for_published
         assert published.lookups == lookups, name
         if lookups == 0:
             assert [r.method for r in registry.registry.requests_since(mark)] == ["GET"]
+
+
+async def test_a_cold_read_brings_its_directory_neighbours_and_a_warm_read_waits_for_none(
+    registry: TestRegistry, registry_client: RegistryClient, tmp_path: Path
+) -> None:
+    """Sibling read-ahead comes with a cold read only: a file already cached is served without fetching its neighbours."""
+    small = [
+        file(f"lib/mod{i}.pyc", random.Random(i).randbytes(20_000)) for i in range(6)
+    ]  # 3 fit the budget
+    written = build_estargz([*small, *COLD], prefetch_count=None)  # the tail probe stays in COLD
+    layer = Layer(written.tar, written.blob, "gzip", annotations={TOC_DIGEST_ANNOTATION: written.toc_digest})
+    pushed = await push_image(registry_client, registry.ref("neighbours"), [layer])
+    resolver = LayerResolver(
+        registry_client, pushed.reference, BlobCache(tmp_path / "cache"), IndexStore(tmp_path / "idx")
+    )
+    opened = await resolver.open_layer(pushed.layers[0], pushed.diff_ids[0])
+    entries = {e.path: e for e in opened.index.entries}
+    stats = opened.blob.stats
+
+    # A file fetched ahead of its read (as the import and library prefetchers do): its read fetches nothing.
+    await opened.prefetch(entries["lib/mod4.pyc"])
+    requests = stats.fetch_requests
+    assert await opened.read(entries["lib/mod4.pyc"], 0, 20_000) == small[4].content
+    assert stats.fetch_requests == requests
+
+    # A cold read: one request, which also brings the next files of the directory.
+    assert await opened.read(entries["lib/mod0.pyc"], 0, 20_000) == small[0].content
+    assert stats.fetch_requests == requests + 1
+    requests = stats.fetch_requests
+    assert await opened.read(entries["lib/mod1.pyc"], 0, 20_000) == small[1].content
+    assert stats.fetch_requests == requests
