@@ -28,6 +28,7 @@ import trio
 from fusefs.elf_deps import ELF_MAGIC, elf_machine, multiarch_triplet
 from fusefs.library_prefetch import PrefetchingSource
 from fusefs.merged_tree import MergedTree, Node
+from fusefs.python_command import PythonLaunch, python_executable, read_launch
 from fusefs.python_imports import FROZEN_SINCE_311, ImportStatement, pyc_imports, source_imports
 from index.model import EntryType
 
@@ -112,6 +113,39 @@ class ImportPrefetcher:
         self._source = source
         self._handled: set[int] = set()  # node indexes fetched or being fetched
         self._limiter: trio.CapacityLimiter | None = None
+        self._launches: set[tuple[int, str]] = set()  # (pid, interpreter) command lines read
+
+    def note_open(self, node: Node, pid: int) -> None:
+        """A process opens a file: a Python interpreter, new to us, gets its program's imports prefetched.
+
+        The dynamic loader's first opens (``ld.so.cache``, libraries) come right after the
+        interpreter was executed, long before it runs the program: its command line (``-c``
+        code, ``-m`` module, script) already names what the program imports first.
+        """
+        exe = python_executable(pid) if pid > 0 else None
+        if exe is None or (pid, exe) in self._launches:
+            return
+        if len(self._launches) >= MAX_MODULES:
+            self._launches.clear()
+        self._launches.add((pid, exe))
+        launch = read_launch(pid, exe)
+        if launch is not None and (launch.statements or launch.script):
+            trio.lowlevel.spawn_system_task(self._run_launch, launch, name=f"import-prefetch pid {pid}")
+
+    async def _run_launch(self, launch: PythonLaunch) -> None:
+        major, minor = launch.version
+        importer = ModuleFile(launch.directory, "__main__", f"cpython-{major}{minor}", "pyc")
+        try:
+            async with trio.open_nursery() as nursery:
+                script = self._tree.resolve(launch.script) if launch.script else None
+                if script is not None and _is_file(script) and script.index not in self._handled:
+                    self._handled.add(script.index)
+                    kind = "pyc" if script.entry.path.endswith(".pyc") else "py"
+                    module = ModuleFile(launch.directory, "__main__", None, kind)
+                    nursery.start_soon(self._follow, script, module, None, nursery)
+                self._follow_all(importer, list(launch.statements), nursery)
+        except Exception as error:  # a hint only: never let it reach the trio run
+            log.debug("import-prefetch launch %s: %s", launch, error)
 
     def before_read(self, node: Node, offset: int) -> None:
         """Nothing to do before a read: a module's imports are known from its bytes."""

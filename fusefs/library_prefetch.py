@@ -62,6 +62,9 @@ class LibraryPrefetcher:
         self._handled: set[int] = set()  # node indexes inspected or prefetched already
         self._whole: set[int] = set()  # executable files fetched whole at their first read
 
+    def note_open(self, node: Node, pid: int) -> None:
+        """Nothing to do when a file is opened: libraries are found from the program's bytes."""
+
     def before_read(self, node: Node, offset: int) -> None:
         """A read is starting: the first read at offset 0 of a large executable file fetches all of it.
 

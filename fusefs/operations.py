@@ -322,6 +322,8 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
             raise pyfuse3.FUSEError(errno.EISDIR)
         fh = self._new_fh()
         self._files[fh] = (owner, node)
+        for prefetcher in owner.prefetchers:
+            prefetcher.note_open(node, ctx.pid)
         # keep_cache: the bytes of an immutable layer never go stale, so reopening a file must
         # not throw its pages away.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)

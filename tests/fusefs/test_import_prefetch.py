@@ -222,3 +222,31 @@ def test_starting_the_interpreter_prefetches_the_modules_it_imports_by_itself() 
         assert f"{root}/{package}/__pycache__/{name}.{tag}.pyc" in fetched
     assert f"{root}/__pycache__/os.{tag}.pyc" not in fetched  # served frozen since 3.11: never read
     assert {"usr/lib/locale/C.utf8/LC_CTYPE", gconv, "usr/share/zoneinfo/UTC"} <= set(source.prefetched)
+
+
+def test_a_python_process_opening_a_file_gets_its_command_line_imports_prefetched(tmp_path: Path) -> None:
+    """An interpreter's first open (the loader's, in life) starts fetching what its -c code imports."""
+    tree, source, _, root = stdlib_image()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import json; import time; time.sleep(30)"], cwd=tmp_path
+    )
+    tag = sys.implementation.cache_tag
+    try:
+        node = tree.resolve(f"{root}/__pycache__/enum.{tag}.pyc")
+        assert node is not None
+
+        async def main() -> None:
+            prefetcher = ImportPrefetcher(tree, source)
+            deadline = trio.current_time() + 10
+            while not source.reads and trio.current_time() < deadline:
+                prefetcher.note_open(node, process.pid)  # until the child has become python
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+
+        trio.run(main)
+    finally:
+        process.kill()
+        process.wait()
+    fetched = {path for _, path, _, _ in source.reads}
+    assert f"{root}/json/__pycache__/__init__.{tag}.pyc" in fetched
+    assert f"{root}/re/__pycache__/__init__.{tag}.pyc" in fetched  # json.decoder's import, followed
