@@ -44,6 +44,9 @@ HOW_STORED = "lazy: stored index"
 HOW_ESTARGZ = "lazy: estargz toc"
 HOW_DOWNLOADED = "indexed during download"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+# Bytes of a gzip blob's tail read to look for an eStargz footer when no annotation declares
+# one: enough for the footer (and a small TOC); a larger TOC then costs one more request.
+UNDECLARED_TAIL_PROBE = 4 << 10
 # The cache's chunk size equals the index's span size, so each fetched chunk can be verified alone.
 SPAN_SIZE = 64 << 10
 # Blobs without span digests (eStargz: each chunk carries the digest of its uncompressed bytes)
@@ -323,6 +326,9 @@ class LayerResolver:
                 digest=descriptor.digest,
                 media_type=descriptor.media_type,
                 toc_digest=toc_digest,
+                # Without the annotation the blob is most likely plain gzip, about to be downloaded
+                # whole: a large speculative tail would be fetched for nothing.
+                speculative_tail=None if toc_digest else UNDECLARED_TAIL_PROBE,
             )
         except DigestMismatch:
             raise

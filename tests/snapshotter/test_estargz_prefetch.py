@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import random
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from snapshotter.blob_cache import BlobCache
 from snapshotter.image_builder import Layer, file, push_image
 from snapshotter.index_artifacts import PublishedIndexes
 from snapshotter.index_store import IndexStore
-from snapshotter.layer_resolver import HOW_ESTARGZ, LayerResolver
+from snapshotter.layer_resolver import HOW_ESTARGZ, UNDECLARED_TAIL_PROBE, LayerResolver
 from snapshotter.registry_client import Descriptor, RegistryClient
 from tests.support.estargz_writer import build_estargz
 from tests.support.registry import TestRegistry
@@ -118,3 +119,20 @@ async def test_a_cold_read_brings_its_directory_neighbours_and_a_warm_read_waits
     requests = stats.fetch_requests
     assert await opened.read(entries["lib/mod1.pyc"], 0, 20_000) == small[1].content
     assert stats.fetch_requests == requests
+
+
+async def test_a_plain_gzip_layer_costs_only_a_small_footer_probe_before_its_download(
+    registry: TestRegistry, registry_client: RegistryClient, tmp_path: Path
+) -> None:
+    """Without the TOC annotation, the look for an eStargz footer reads a few KiB, not a speculative 1/128 of the blob."""
+    written = build_estargz([*HOT, *COLD], prefetch_count=None)
+    plain = Layer(written.tar, gzip.compress(written.tar, 6), "gzip")
+    pushed = await push_image(registry_client, registry.ref("plain-gzip"), [plain])
+    resolver = LayerResolver(
+        registry_client, pushed.reference, BlobCache(tmp_path / "cache"), IndexStore(tmp_path / "idx")
+    )
+    before = registry_client.bytes_fetched
+    opened = await resolver.open_layer(pushed.layers[0], pushed.diff_ids[0])
+    assert opened.how != HOW_ESTARGZ
+    size = len(plain.blob)
+    assert registry_client.bytes_fetched - before <= size + UNDECLARED_TAIL_PROBE  # the download + the probe
