@@ -26,7 +26,8 @@ from typing import Protocol
 
 from index.errors import LayerFormatError, TruncatedLayer, UnsafePath
 from index.model import Entry, EntryType
-from index.tar_entries import BLOCK, TarEntryParser, padded
+from index.tar_entries import TarEntryParser
+from index.tar_header import BLOCK, padded
 
 log = logging.getLogger(__name__)
 

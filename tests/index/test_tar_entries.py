@@ -211,8 +211,89 @@ def test_corrupt_header_and_oversized_extension_are_rejected() -> None:
 
 
 def test_malformed_pax_record_is_rejected() -> None:
-    """A PAX record whose length does not match its text is a LayerFormatError."""
+    """A PAX record whose length does not match its text is a LayerFormatError naming the layer and header."""
     payload = b"99 path=x\n"
     block = _header(b"pax", b"%011o\x00" % len(payload), b"x")
-    with pytest.raises(LayerFormatError, match="PAX"):
-        parse(block + payload.ljust(512, b"\x00") + _header(b"f", b"00000000000\x00"))
+    tar = (
+        _header(b"f", b"00000000000\x00")
+        + block
+        + payload.ljust(512, b"\x00")
+        + _header(b"g", b"00000000000\x00")
+    )
+    for piece in (0, 1, 700):
+        with pytest.raises(LayerFormatError) as caught:
+            parse(tar, piece)
+        assert str(caught.value) == (
+            "layer sha256:test: tar entry at byte 512: malformed PAX record at byte 0 of an extended header"
+        )
+
+
+def _pax_member(records: dict[str, str]) -> tuple[bytes, int]:
+    """A tar of one directory, then a file ``victim`` with PAX ``records``; and the offset of its header."""
+    info, data = file_info("victim", b"")
+    info.pax_headers = records
+    tar = make_tar([other_info("d", tarfile.DIRTYPE), (info, data)])
+    return tar, next(at for at in range(0, len(tar), 512) if tar[at : at + 7] == b"victim\x00")
+
+
+@pytest.mark.parametrize(
+    "mtime",
+    [
+        "Infinity",
+        "-Infinity",
+        "NaN",
+        "sNaN",
+        "1e999999",
+        "1e99999999999",
+        "-1e30",
+        "99999999999999999999",
+        "x",
+    ],
+)
+def test_pax_mtime_that_is_no_time_is_rejected(mtime: str) -> None:
+    """An mtime that is no number, or whose seconds pass 64 bits, is a LayerFormatError naming layer, entry offset and record."""
+    tar, offset = _pax_member({"mtime": mtime})
+    for piece in (0, 1, 512, 700):
+        with pytest.raises(LayerFormatError) as caught:
+            parse(tar, piece)
+        assert type(caught.value) is LayerFormatError
+        assert str(caught.value).startswith(
+            f"layer sha256:test: tar entry at byte {offset}: PAX record mtime={mtime.encode()!r} is "
+        )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "complaint"),
+    [
+        ("size", "1e5", "PAX record size=b'1e5' is not an integer"),
+        ("size", "-1", "'victim' claims an absurd size of -1 bytes"),
+        ("size", "99999999999999999999999999", "'victim' claims an absurd size"),
+        ("uid", "1e5", "PAX record uid=b'1e5' is not an integer"),
+        ("uid", "-1", "'victim' has owner -1:0, not a Linux uid:gid"),
+        ("uid", "99999999999999999999999999", "'victim' has owner 99999999999999999999999999:0"),
+        ("gid", "4294967296", "'victim' has owner 0:4294967296, not a Linux uid:gid"),
+    ],
+)
+def test_pax_numbers_that_no_file_can_have_are_rejected(key: str, value: str, complaint: str) -> None:
+    """A size, uid or gid record that is no integer, negative or absurdly large is a LayerFormatError naming the entry."""
+    tar, offset = _pax_member({key: value})
+    for piece in (0, 1, 700):
+        with pytest.raises(LayerFormatError) as caught:
+            parse(tar, piece)
+        assert str(caught.value).startswith(f"layer sha256:test: tar entry at byte {offset}: {complaint}")
+
+
+def test_largest_linux_ids_are_kept() -> None:
+    """A uid or gid up to 2**32 - 1 is a valid owner."""
+    tar, _ = _pax_member({"uid": "4294967295", "gid": "65534"})
+    assert (parse(tar).entries[1].uid, parse(tar).entries[1].gid) == (4294967295, 65534)
+
+
+def test_negative_base_256_uid_is_rejected() -> None:
+    """A standard header with a negative base-256 uid is rejected like a PAX one."""
+    block = bytearray(_header(b"neg", b"00000000000\x00"))
+    block[108:116] = b"\xff" * 8
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\x00 " % sum(block)
+    with pytest.raises(LayerFormatError, match="'neg' has owner -1:0"):
+        parse(bytes(block))

@@ -14,18 +14,16 @@ import shutil
 import struct
 import subprocess
 import tarfile
-import zlib
-from collections.abc import Callable
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from index.errors import LayerFormatError
 from index.model import Entry, EntryType
-from index.tar_entries import BLOCK, TarEntryParser, _pax_mtime_ns, _sums_to, padded, parse_pax
+from index.tar_entries import TarEntryParser
+from index.tar_header import BLOCK, padded
 
 Outcome = tuple[list[Entry], type[Exception] | None, str]
 
@@ -247,19 +245,6 @@ def test_a_corrupt_header_is_named_by_its_offset() -> None:
     )
 
 
-def _plain_sum_check(block: bytes, total: int) -> bool:
-    """The byte-sum check as first written: adler32's low half is 1 + the byte sum, mod 65521."""
-    return 0 <= total <= 255 * BLOCK and ((zlib.adler32(block) & 0xFFFF) - 1 - total) % 65521 == 0
-
-
-@pytest.mark.parametrize("block_sum", [0, 1, 65519, 65520, 65521, 65522, 130559, 130560])
-def test_the_sum_check_accepts_what_the_plain_check_accepts(block_sum: int) -> None:
-    """Around the modulus and the bounds, the cached form of the sum check agrees with the plain one."""
-    block = (b"\xff" * (block_sum // 255) + bytes([block_sum % 255])).ljust(BLOCK, b"\0")[:BLOCK]
-    for total in (block_sum + delta for delta in (-65521, -1, 0, 1, 65521)):
-        assert _sums_to(block, total) == _plain_sum_check(block, total), total
-
-
 def test_entries_are_genuine_frozen_entries() -> None:
     """What the parser builds is an Entry like any other: equal, frozen, copyable, picklable."""
     for entry in outcome(RICH, len(RICH))[0]:
@@ -272,86 +257,3 @@ def test_entries_are_genuine_frozen_entries() -> None:
             entry.size = 1  # type: ignore[misc]
     first, second = outcome(RICH, len(RICH))[0][:2]
     assert first.xattrs is not second.xattrs  # each entry has its own dict, as Entry(...) would give
-
-
-def _mtime_outcome(read: Callable[[bytes], int], raw: bytes) -> tuple[str, object]:
-    """What ``read(raw)`` returns, or the type and message of what it raises."""
-    try:
-        return "value", read(raw)
-    except Exception as exc:  # the reference lets some errors through (Infinity): compare those too
-        return "error", (type(exc), str(exc))
-
-
-def _decimal_mtime_ns(raw: bytes) -> int:
-    """The plain reading of a PAX mtime, which ``_pax_mtime_ns`` must agree with."""
-    try:
-        return int(Decimal(raw.decode("ascii")).scaleb(9))
-    except (InvalidOperation, UnicodeDecodeError, ValueError):
-        raise LayerFormatError(f"PAX mtime {raw!r} is not a number") from None
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    st.one_of(
-        st.from_regex(rb"\A[0-9]{1,30}(\.[0-9]{0,12})?\Z"),
-        st.from_regex(rb"\A[-+ ]?[0-9_]{0,5}(\.[0-9]{0,3})?([eE][-+]?[0-9])? ?\Z"),
-        st.binary(max_size=10).filter(lambda raw: b"e" not in raw.lower()),  # no 1e999999999 to compute
-    )
-)
-@example(b"Infinity")
-@example(b"NaN")
-@example(b"1.")
-@example(b".5")
-@example(b"000000000000000000001.000000001")
-def test_pax_mtimes_read_as_decimal_reads_them(raw: bytes) -> None:
-    """A PAX mtime is read to the nanosecond exactly as Decimal reads it, and refused as it is refused."""
-    assert _mtime_outcome(_pax_mtime_ns, raw) == _mtime_outcome(_decimal_mtime_ns, raw)
-
-
-def _reference_pax(data: bytes) -> dict[str, bytes] | str:
-    """The plain reading of PAX records, which ``parse_pax`` must agree with; its error message if any."""
-    records: dict[str, bytes] = {}
-    pos = 0
-    while pos < len(data):
-        if data[pos] == 0:
-            break
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space]) if space > pos else 0
-        except ValueError:
-            length = 0
-        end = pos + length
-        if length <= 0 or end > len(data) or data[end - 1 : end] != b"\n" or b"=" not in data[space:end]:
-            return f"malformed PAX record at byte {pos} of an extended header"
-        key, _, value = data[space + 1 : end - 1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value
-        pos = end
-    return records
-
-
-def _record(key: bytes, value: bytes) -> bytes:
-    """A well-formed PAX record: its length counts its own digits."""
-    body = b" " + key + b"=" + value + b"\n"
-    digits = next(d for d in range(1, 9) if len(str(len(body) + d)) == d)
-    return str(len(body) + digits).encode() + body
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    st.one_of(
-        st.lists(st.tuples(st.binary(max_size=12), st.binary(max_size=20)), max_size=4).map(
-            lambda kvs: b"".join(_record(k, v) for k, v in kvs)
-        ),
-        st.binary(max_size=40),
-        st.from_regex(rb"\A([ 0-9+_-]{1,3} [a-z=\n]{0,6}\n?){1,3}\0*\Z"),
-    )
-)
-def test_pax_records_read_as_the_plain_reading(data: bytes) -> None:
-    """PAX records, well formed or not, give the plain reading's records, or its error at the same byte."""
-    expected = _reference_pax(data)
-    if isinstance(expected, str):
-        with pytest.raises(LayerFormatError) as caught:
-            parse_pax(data)
-        assert str(caught.value) == expected
-    else:
-        assert parse_pax(data) == expected
