@@ -114,6 +114,9 @@ class ImportPrefetcher:
         self._handled: set[int] = set()  # node indexes fetched or being fetched
         self._limiter: trio.CapacityLimiter | None = None
         self._launches: set[tuple[int, str]] = set()  # (pid, interpreter) command lines read
+        # Source files a Python interpreter opened: only those are imports about to run (a .pyc
+        # is read by Python alone in practice, so its first read is enough).
+        self._source_opened: set[int] = set()
 
     def note_open(self, node: Node, pid: int) -> None:
         """A process opens a file: a Python interpreter, new to us, gets its program's imports prefetched.
@@ -123,7 +126,11 @@ class ImportPrefetcher:
         code, ``-m`` module, script) already names what the program imports first.
         """
         exe = python_executable(pid) if pid > 0 else None
-        if exe is None or (pid, exe) in self._launches:
+        if exe is None:
+            return
+        if node.entry.path.endswith(".py") and len(self._source_opened) < MAX_MODULES:
+            self._source_opened.add(node.index)
+        if (pid, exe) in self._launches:
             return
         if len(self._launches) >= MAX_MODULES:
             self._launches.clear()
@@ -160,6 +167,8 @@ class ImportPrefetcher:
         module = module_file(node.entry.path)
         if module is None or module.kind == "ext":
             return
+        if module.kind == "py" and node.index not in self._source_opened:
+            return  # a .py read by an editor, cat or grep (someone browsing the image): no imports follow
         self._handled.add(node.index)
         whole = data if len(data) == node.entry.size else None
         # A system task: FUSE handlers have no nursery of their own, and the prefetch must not

@@ -250,3 +250,38 @@ def test_a_python_process_opening_a_file_gets_its_command_line_imports_prefetche
     fetched = {path for _, path, _, _ in source.reads}
     assert f"{root}/json/__pycache__/__init__.{tag}.pyc" in fetched
     assert f"{root}/re/__pycache__/__init__.{tag}.pyc" in fetched  # json.decoder's import, followed
+
+
+def test_a_source_file_read_by_something_else_than_python_prefetches_nothing() -> None:
+    """cat or grep reading app/main.py (browsing the image) fetches no imports; Python opening it does."""
+    files = {
+        "app/main.py": b"import helper\n",
+        "app/helper.py": b"VALUE = 1\n",
+    }
+    entries = [Entry("", T.DIR, 0o755), Entry("app", T.DIR, 0o755)]
+    entries += [Entry(path, T.FILE, 0o644, size=len(data)) for path, data in files.items()]
+    tree = MergedTree.build([entries])
+    main_node = tree.resolve("app/main.py")
+    assert main_node is not None
+
+    def reads_after(opener: int | None) -> set[str]:
+        source = PrefetchRecordingSource({(0, path): data for path, data in files.items()})
+
+        async def main() -> None:
+            prefetcher = ImportPrefetcher(tree, source)
+            if opener is not None:
+                prefetcher.note_open(main_node, opener)
+            prefetcher.note_read(main_node, 0, files["app/main.py"])
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+
+        trio.run(main)
+        return {path for _, path, _, _ in source.reads}
+
+    cat = subprocess.Popen(["sleep", "30"])  # any process that is not a Python interpreter
+    try:
+        assert reads_after(cat.pid) == set()
+    finally:
+        cat.kill()
+        cat.wait()
+    assert reads_after(None) == set()
+    assert reads_after(os.getpid()) == {"app/helper.py"}  # this test runs in a Python interpreter
