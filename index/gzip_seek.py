@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 
@@ -330,27 +331,33 @@ _FULL_PROBES = (
 )
 
 
-class _Enough(Exception):
-    """Raised by ``_decode_after``'s output callback to stop the scanner once 32 KiB are out."""
+_probe_inflaters = threading.local()  # one reusable inflater per thread: trimming runs per checkpoint
 
 
-def _decode_after(point: SeekPoint, window: bytes, following: bytes) -> bytes:
-    """Decode ``following`` (blob bytes from the checkpoint on) with ``window`` as history; stop at the first 32 KiB."""
-    out: list[bytes] = []
+def _decode_after(point: SeekPoint, window: bytes, following: bytes) -> bytes | None:
+    """Decode up to 32 KiB of ``following`` (blob bytes from the checkpoint on) with ``window`` as history.
 
-    def keep(data: bytes) -> None:
-        out.append(data)
-        if sum(map(len, out)) >= WINDOW_SIZE:
-            raise _Enough
-
-    # Output in 32 KiB calls: usually one libz call decodes exactly what is needed.
-    start = SeekPoint(point.compressed_offset, 0, point.bits, window)
-    scanner = GzipScanner(keep, start=start, out_size=WINDOW_SIZE)
+    Stops early where the member ends (later members never reach back into this window).
+    Returns None if the bytes do not decode (the caller then keeps the window as it is).
+    """
+    inflater: RawInflater | None = getattr(_probe_inflaters, "inflater", None)
+    if inflater is None:
+        inflater = _probe_inflaters.inflater = RawInflater(WINDOW_SIZE)
+    inflater.reset()
+    data = following
+    if point.bits:
+        if not data:
+            return None
+        # The checkpoint starts ``bits`` bits into its first byte: hand libz the remaining high bits.
+        inflater.prime(8 - point.bits, data[0] >> point.bits)
+        data = data[1:]
+    inflater.set_window(window)
+    inflater.set_input(data)
     try:
-        scanner.feed(following)
-    except (_Enough, LayerFormatError):
-        pass  # a format error: the bytes may end inside a member header; what was decoded is enough
-    return b"".join(out)[:WINDOW_SIZE]
+        out, _ = inflater.inflate(_Z_NO_FLUSH, WINDOW_SIZE)
+    except LayerFormatError:
+        return None
+    return out
 
 
 def minimize_window(point: SeekPoint, following: bytes) -> bytes:
@@ -375,9 +382,9 @@ def minimize_window(point: SeekPoint, following: bytes) -> bytes:
         return window
     probes = _FULL_PROBES if n == WINDOW_SIZE else tuple(p[-n:] for p in _FULL_PROBES)
     first, second = (_decode_after(point, probe, following) for probe in probes)
-    size = len(first)
-    if len(second) != size:
+    if first is None or second is None or len(first) != len(second):
         return window
+    size = len(first)
     a = np.frombuffer(first, np.uint8, size)
     b = np.frombuffer(second, np.uint8, size)
     copied = a != b
