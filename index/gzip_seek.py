@@ -84,11 +84,13 @@ class RawInflater:
         rc = _libz.inflateInit2_(self._ref, -15, _VERSION, ctypes.sizeof(_ZStream))
         if rc != _Z_OK:
             raise MemoryError(f"inflateInit2 failed ({rc})")
+        # Held here: an inflater kept per thread is freed at interpreter exit, after module globals.
+        self._end = _libz.inflateEnd
         self._open = True
 
     def __del__(self) -> None:
         if getattr(self, "_open", False):
-            _libz.inflateEnd(self._ref)
+            self._end(self._ref)
             self._open = False
 
     def reset(self) -> None:
