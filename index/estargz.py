@@ -35,7 +35,7 @@ from typing import Any
 
 from index.errors import DigestMismatch, LayerFormatError, UnsafePath
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex
-from index.tar_entries import normalize_path
+from index.tar_entries import MAX_ID, normalize_path
 
 ReadRange = Callable[[int, int], Awaitable[bytes]]
 
@@ -311,6 +311,8 @@ def _checked(record: Any) -> Mapping[str, Any]:
             raise ValueError(f"{key} is not a non-negative integer: {value!r}")
         if expected is str and type(value) is not str:
             raise ValueError(f"{key} is not a string: {value!r}")
+        if key in ("uid", "gid") and value > MAX_ID:
+            raise ValueError(f"{key} {value} is not a Linux user or group id")
     return record
 
 
@@ -429,6 +431,7 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
             type(mode) is type(uid) is type(gid) is type(size) is type(major) is type(minor) is int
             and type(link) is type(uname) is type(gname) is type(modtime) is str
             and min(mode, uid, gid, size, major, minor) >= 0
+            and max(uid, gid) <= MAX_ID
         ):
             raise _bad_field(record)
         if kind is EntryType.HARDLINK:

@@ -410,6 +410,7 @@ class TestBadInput:
         [
             ("mode", "0755"),
             ("uid", -1),
+            ("gid", 1 << 32),  # no Linux file can have it
             ("size", True),  # JSON true is not a number
             ("size", "3000"),
             ("offset", [1]),
