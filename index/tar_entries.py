@@ -27,6 +27,7 @@ from index.model import Entry, EntryType
 from index.tar_header import (
     BLOCK,
     EXTENSION_TYPES,
+    MTIME_SECONDS_END,
     STANDARD_HEADER,
     Header,
     header_text,
@@ -303,6 +304,8 @@ class TarEntryParser:
     def _add_entry(self, info: Header, offset: int) -> None:
         """Add the entry of header ``info``, at ``offset``, with the pending PAX records and long names."""
         name, mode, uid, gid, size, mtime, kind, link, uname, gname, devmajor, devminor = info
+        if not -MTIME_SECONDS_END <= mtime < MTIME_SECONDS_END:  # only a base-256 field can say so
+            raise self._fail(f"{name!r} has mtime {mtime}, beyond 64-bit seconds", offset)
         mtime_ns = mtime * 1_000_000_000
         xattrs: dict[str, bytes] = {}
         if self._global or self._pending:

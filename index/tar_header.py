@@ -46,7 +46,7 @@ _UNTIL_NUL = re.compile(rb"[^\0]*")
 _PLAIN_SECONDS = re.compile(rb"([0-9]{1,18})(?:\.([0-9]{1,9}))?")
 # Go's archive/tar, which containerd applies layers with, refuses a PAX mtime whose seconds do
 # not fit in 64 bits; so does pyfuse3 when the mount reports the time.
-_MTIME_SECONDS_END = 1 << 63
+MTIME_SECONDS_END = 1 << 63
 _NOT_A_NUMBER = (InvalidOperation, UnicodeDecodeError, ValueError)
 T = TypeVar("T")
 
@@ -118,7 +118,7 @@ def pax_mtime_ns(raw: bytes) -> int:
     if not value.is_finite():  # Infinity and NaN: no time at all
         raise LayerFormatError(f"PAX record mtime={raw!r} is not a number")
     # Checked before scaling, so that an exponent of millions is refused, not computed.
-    if not -_MTIME_SECONDS_END <= value < _MTIME_SECONDS_END:
+    if not -MTIME_SECONDS_END <= value < MTIME_SECONDS_END:
         raise LayerFormatError(f"PAX record mtime={raw!r} is out of range (seconds must fit in 64 bits)")
     return int(value.scaleb(9))
 

@@ -297,3 +297,13 @@ def test_negative_base_256_uid_is_rejected() -> None:
     block[148:156] = b"%06o\x00 " % sum(block)
     with pytest.raises(LayerFormatError, match="'neg' has owner -1:0"):
         parse(bytes(block))
+
+
+def test_a_base_256_mtime_beyond_64_bit_seconds_is_rejected() -> None:
+    """A standard header whose base-256 mtime no file can have is a LayerFormatError, like such a PAX mtime."""
+    block = bytearray(_header(b"future", b"00000000000\x00"))
+    block[136:148] = b"\x80" + (1 << 70).to_bytes(11, "big")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\x00 " % sum(block)
+    with pytest.raises(LayerFormatError, match=r"'future' has mtime \d+, beyond 64-bit seconds"):
+        parse(bytes(block))
