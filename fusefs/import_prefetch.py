@@ -28,7 +28,7 @@ import trio
 from fusefs.elf_deps import ELF_MAGIC, elf_machine, multiarch_triplet
 from fusefs.library_prefetch import PrefetchingSource
 from fusefs.merged_tree import MergedTree, Node
-from fusefs.python_command import PythonLaunch, python_executable, read_launch
+from fusefs.python_command import INTERPRETER_NAME, PythonLaunch, python_executable, read_launch
 from fusefs.python_imports import FROZEN_SINCE_311, ImportStatement, pyc_imports, source_imports
 from index.model import EntryType
 
@@ -69,7 +69,6 @@ STARTUP_DATA = (
     "usr/lib/{triplet}/gconv/gconv-modules.cache",
     "etc/localtime",
 )
-_INTERPRETER = re.compile(r"^python(\d)\.(\d+)$")
 _PYC_NAME = re.compile(r"^(?P<module>[^.]+)\.(?P<tag>[A-Za-z]+-\d+(?:\.opt-\d+)?)\.pyc$")
 _PYTHON_DIR = re.compile(r"^python(\d+)\.(\d+)$")
 _TAG_VERSION = re.compile(r"^[A-Za-z]+-(\d)(\d+)")
@@ -179,7 +178,7 @@ class ImportPrefetcher:
 
     def _note_interpreter(self, node: Node, head: bytes) -> None:
         """A Python interpreter starting: prefetch what it reads before any of the program's modules."""
-        match = _INTERPRETER.match(posixpath.basename(node.entry.path))
+        match = INTERPRETER_NAME.match(posixpath.basename(node.entry.path))
         if match is None:
             return
         self._handled.add(node.index)

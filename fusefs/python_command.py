@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from fusefs.python_imports import ImportStatement, source_imports
 
-_INTERPRETER = re.compile(r"^python(\d)\.(\d+)$")
+# The file name of a CPython interpreter binary (``python3.11``), with its major and minor version.
+INTERPRETER_NAME = re.compile(r"^python(\d)\.(\d+)$")
 # Interpreter options that take a value (the next argument, or the rest of this one).
 _WITH_VALUE = frozenset("cmWXQ")
 _MAX_CMDLINE = 64 << 10
@@ -36,7 +37,7 @@ class PythonLaunch:
 
 def parse_command(exe_name: str, argv: list[str], cwd: str) -> PythonLaunch | None:
     """Read a Python command line (``cwd`` relative to the process's root); None if it is not one. Raises nothing."""
-    match = _INTERPRETER.match(exe_name)
+    match = INTERPRETER_NAME.match(exe_name)
     if match is None:
         return None
     version = (int(match[1]), int(match[2]))
@@ -78,7 +79,7 @@ def python_executable(pid: int) -> str | None:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
-    return exe if _INTERPRETER.match(posixpath.basename(exe)) else None
+    return exe if INTERPRETER_NAME.match(posixpath.basename(exe)) else None
 
 
 def read_launch(pid: int, exe: str) -> PythonLaunch | None:
