@@ -133,6 +133,8 @@ def _with_names(statement: ImportStatement, names: list[str]) -> ImportStatement
 
 
 _NULL = object()  # marshal's NULL: ends a dict
+_SHORT_ASCII = frozenset(b"zZ")  # type codes of short ASCII strings (plain and interned)
+_REF = ord("r")  # a reference to an object read before
 
 
 class _Malformed(Exception):
@@ -163,7 +165,28 @@ class _MarshalReader:
         self._budget -= 1
         if self._budget < 0 or depth > _MAX_NESTING:
             raise _Malformed
-        code = self._take(1)[0]
+        data, pos = self._data, self._pos
+        if pos + 2 > len(data):
+            raise _Malformed
+        code = data[pos]
+        # Fast paths for what most of a .pyc is made of: short names and references to them.
+        if code & 0x7F in _SHORT_ASCII:
+            end = pos + 2 + data[pos + 1]
+            if end > len(data):
+                raise _Malformed
+            text = data[pos + 2 : end].decode("latin-1")  # one byte per character, as CPython reads it
+            self._pos = end
+            if code & 0x80:
+                self._refs.append(text)
+            return text
+        if code == _REF:
+            end = pos + 5
+            index = int.from_bytes(data[pos + 1 : end], "little", signed=True)
+            if end > len(data) or not 0 <= index < len(self._refs):
+                raise _Malformed
+            self._pos = end
+            return self._refs[index]
+        self._pos = pos + 1
         kind, ref = chr(code & 0x7F), code & 0x80
         slot = -1
         if ref:  # FLAG_REF: later 'r' records name this object by its number, counted before its children
@@ -200,9 +223,9 @@ class _MarshalReader:
         if kind in "zZ":
             return self._text(self._take(1)[0])
         if kind in "([<>":
-            return tuple(self.read(depth + 1) for _ in range(self._size()))
+            return tuple([self.read(depth + 1) for _ in range(self._size())])
         if kind == ")":
-            return tuple(self.read(depth + 1) for _ in range(self._take(1)[0]))
+            return tuple([self.read(depth + 1) for _ in range(self._take(1)[0])])
         if kind == "{":  # key, value pairs up to a NULL key
             while self.read(depth + 1) is not _NULL:
                 self.read(depth + 1)
