@@ -12,6 +12,8 @@ range is contiguous) but never extend it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from index.model import Entry, EntryType, LayerIndex
 from index.reader import ByteRange, plan_read
 
@@ -33,6 +35,13 @@ def _hull(ranges: list[ByteRange]) -> ByteRange | None:
     return ByteRange(start, max(r.end for r in ranges) - start)
 
 
+class ReadAhead(NamedTuple):
+    """What a cold read of one file fetches: the file's own blob bytes, and the range around them."""
+
+    file: ByteRange  # the file alone: present in the cache means the read is not cold
+    span: ByteRange  # the file and its following siblings, fetched together
+
+
 class SiblingReadahead:
     """Read-ahead ranges for one layer: a file's bytes joined with its following siblings' bytes."""
 
@@ -41,7 +50,7 @@ class SiblingReadahead:
         self._budget = budget
         self._files: list[Entry] = []
         self._position: dict[int, int] | None = None  # built on the first read, not at mount time
-        self._ranges: dict[int, ByteRange | None] = {}  # by id(entry): computed once per file read
+        self._plans: dict[int, ReadAhead | None] = {}  # by id(entry): computed once per file read
 
     def _position_of(self, entry: Entry) -> int | None:
         if self._position is None:
@@ -54,20 +63,28 @@ class SiblingReadahead:
 
         None when ``entry`` is not a non-empty regular file of this index or is itself larger than
         the budget (its own read is large enough; the caller then reads just what it needs).
+        """
+        plan = self.plan_for(entry)
+        return plan.span if plan is not None else None
+
+    def plan_for(self, entry: Entry) -> ReadAhead | None:
+        """Return ``entry``'s own blob range with ``range_for``'s; None when ``range_for`` is None.
+
         Computed once per entry: every read of a file asks, cached or not.
         """
         key = id(entry)
-        if key not in self._ranges:
-            self._ranges[key] = self._compute(entry)
-        return self._ranges[key]
+        if key not in self._plans:
+            self._plans[key] = self._compute(entry)
+        return self._plans[key]
 
-    def _compute(self, entry: Entry) -> ByteRange | None:
+    def _compute(self, entry: Entry) -> ReadAhead | None:
         position = self._position_of(entry)
         if position is None:
             return None
-        hull = _hull(plan_read(self._index, entry, 0, entry.size))
-        if hull is None or hull.length > self._budget:
+        own = _hull(plan_read(self._index, entry, 0, entry.size))
+        if own is None or own.length > self._budget:
             return None
+        hull = own
         directory = _parent(entry.path)
         for following in self._files[position + 1 : position + 1 + MAX_LOOKAHEAD]:
             ranges = plan_read(self._index, following, 0, following.size)
@@ -79,4 +96,4 @@ class SiblingReadahead:
             if grown is None or grown.length > self._budget:
                 break
             hull = grown
-        return hull
+        return ReadAhead(own, hull)

@@ -146,14 +146,12 @@ class Layer:
     async def _read_ahead(self, entry: Entry) -> None:
         """On a cold read of a small file, fetch it with the next files of its directory in one request."""
         assert self.readahead is not None
-        span = self.readahead.range_for(entry)
-        if span is None:
-            return
+        plan = self.readahead.plan_for(entry)
         # Only a cold read brings the neighbours along: a read of a file already cached
         # (prefetched, or read before) must not wait for files it did not ask for.
-        if all(self.blob.is_present(r.offset, r.length) for r in plan_read(self.index, entry, 0, entry.size)):
+        if plan is None or self.blob.is_present(plan.file.offset, plan.file.length):
             return
-        await self.blob.ensure(span.offset, span.length)
+        await self.blob.ensure(plan.span.offset, plan.span.length)
 
     def _forget_chunks(self, entry: Entry, offset: int, length: int, error: LazysnapError) -> None:
         """Drop the cached bytes of the chunks a failed read used, so a later read fetches them again."""
