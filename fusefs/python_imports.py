@@ -220,8 +220,6 @@ class _MarshalReader:
             return self._take(self._size())
         if kind in "tuaA":
             return self._text(self._size())
-        if kind in "zZ":
-            return self._text(self._take(1)[0])
         if kind in "([<>":
             return tuple([self.read(depth + 1) for _ in range(self._size())])
         if kind == ")":
