@@ -28,9 +28,9 @@ from typing import Protocol
 
 import pyfuse3
 
-from fusefs.import_prefetch import ImportPrefetcher
-from fusefs.library_prefetch import LibraryPrefetcher, PrefetchingSource
 from fusefs.merged_tree import MergedTree, Node
+from fusefs.prefetch.imports import ImportPrefetcher
+from fusefs.prefetch.libraries import LibraryPrefetcher, PrefetchingSource
 from index.errors import LazysnapError
 from index.model import Entry, EntryType
 

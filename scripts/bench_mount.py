@@ -40,7 +40,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from snapshotter.bench.runner import (  # noqa: E402
+from snapshotter.devtools.bench.runner import (  # noqa: E402
     LAZYSNAP,
     drop_caches,
     overlay_over,
@@ -48,10 +48,10 @@ from snapshotter.bench.runner import (  # noqa: E402
     run_chroot,
     warm_tools,
 )
-from snapshotter.image_builder import directory, file, make_layer, push_image  # noqa: E402
-from snapshotter.local_registry import LocalRegistry  # noqa: E402
-from snapshotter.reference import parse_reference  # noqa: E402
-from snapshotter.registry_client import RegistryClient  # noqa: E402
+from snapshotter.devtools.image_builder import directory, file, make_layer, push_image  # noqa: E402
+from snapshotter.devtools.local_registry import LocalRegistry  # noqa: E402
+from snapshotter.remote.client import RegistryClient  # noqa: E402
+from snapshotter.remote.reference import parse_reference  # noqa: E402
 
 DEFAULT_CACHE = Path("/var/cache/lazysnap-bench")
 BIG_FILE = "data/big.bin"

@@ -30,9 +30,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from snapshotter.local_registry import LocalRegistry
-from snapshotter.reference import Reference
-from snapshotter.registry_client import RegistryClient
+from snapshotter.devtools.local_registry import LocalRegistry
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.reference import Reference
 
 MB = 1_000_000
 

@@ -38,11 +38,11 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from snapshotter.containerd_env import Containerd, containerd_available  # noqa: E402
-from snapshotter.image_builder import make_layer, push_image  # noqa: E402
-from snapshotter.local_registry import LocalRegistry  # noqa: E402
-from snapshotter.reference import parse_reference  # noqa: E402
-from snapshotter.registry_client import RegistryClient  # noqa: E402
+from snapshotter.devtools.containerd_env import Containerd, containerd_available  # noqa: E402
+from snapshotter.devtools.image_builder import make_layer, push_image  # noqa: E402
+from snapshotter.devtools.local_registry import LocalRegistry  # noqa: E402
+from snapshotter.remote.client import RegistryClient  # noqa: E402
+from snapshotter.remote.reference import parse_reference  # noqa: E402
 
 DEFAULT_CACHE = Path("/var/cache/lazysnap-bench")
 MIRROR = "http://deb.debian.org/debian"

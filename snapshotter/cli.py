@@ -24,7 +24,7 @@ def cli() -> None:
 @cli.command()
 def demo() -> None:
     """Start a local registry with a sample image and show what lazysnap does with it."""
-    from snapshotter.demo import run_demo
+    from snapshotter.devtools.demo import run_demo
 
     sys.exit(run_demo())
 
@@ -45,8 +45,8 @@ def demo() -> None:
 )
 def serve(root: str | None, address: str | None, config_path: str | None) -> None:
     """Serve containerd's snapshot API as a proxy plugin on a unix socket."""
-    from snapshotter.daemon import serve_forever
-    from snapshotter.remote_layers import fuse_remote_layers
+    from snapshotter.service.daemon import serve_forever
+    from snapshotter.service.remote_layers import fuse_remote_layers
 
     sys.exit(
         serve_forever(root=root, address=address, config_path=config_path, remote_layers=fuse_remote_layers)
@@ -100,19 +100,19 @@ def mount(
     verbose: bool,
 ) -> None:
     """Mount image REFERENCE at MOUNTPOINT; file bytes are fetched when something reads them."""
-    from snapshotter.mount_command import check_mountpoint, spawn_daemon
+    from snapshotter.mount.command import check_mountpoint, spawn_daemon
 
     _configure_logging(verbose)
     check_mountpoint(mountpoint)
     if eager:
-        from snapshotter.eager_mount import run_eager_mount
+        from snapshotter.mount.eager import run_eager_mount
 
         sys.exit(
             run_eager_mount(
                 reference, mountpoint, root, plain_http=plain_http, docker_config_path=docker_config
             )
         )
-    from snapshotter.mount_daemon import MountOptions, run_mount_daemon
+    from snapshotter.mount.daemon import MountOptions, run_mount_daemon
 
     options = MountOptions(
         reference=reference,
@@ -139,7 +139,7 @@ def mount(
 @ROOT_OPTION
 def umount(mountpoint: str, root: str) -> None:
     """Unmount a lazysnap mount and stop its daemon."""
-    from snapshotter.mount_command import umount_command
+    from snapshotter.mount.command import umount_command
 
     sys.exit(umount_command(root, mountpoint))
 
@@ -152,7 +152,7 @@ def stats(mountpoint: str, root: str, as_json: bool) -> None:
     """Show per-layer statistics of a running mount: how each layer is served, bytes fetched, hits."""
     from rich.console import Console
 
-    from snapshotter.mount_command import stats_command
+    from snapshotter.mount.command import stats_command
 
     sys.exit(stats_command(root, mountpoint, as_json, Console()))
 
@@ -178,7 +178,7 @@ def index_push(reference: str, root: str, plain_http: bool, docker_config: str |
     """Index every layer of REFERENCE and push the indexes to its registry, so mounts are lazy everywhere."""
     import trio
 
-    from snapshotter.index_command import push_image_indexes
+    from snapshotter.layers.index_push import push_image_indexes
 
     pushed = trio.run(
         lambda: push_image_indexes(
@@ -239,8 +239,8 @@ def bench(
 
     from rich.console import Console
 
-    from snapshotter.bench import BenchOptions, run_bench
-    from snapshotter.bench.runner import DEFAULT_MODES
+    from snapshotter.devtools.bench import BenchOptions, run_bench
+    from snapshotter.devtools.bench.runner import DEFAULT_MODES
 
     options = BenchOptions(
         references=references,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.registry_client import RegistryClient
+from snapshotter.remote.client import RegistryClient
 from tests.support.registry import TestRegistry, basic_auth_registry, bearer_registry, plain_registry
 
 # The containerd fixtures (``containerd``, ``containerd_factory``) for every package.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fusefs.elf_deps import ElfDeps, read_elf_deps
+from fusefs.prefetch.elf_deps import ElfDeps, read_elf_deps
 
 HOST_BINARIES = ["/usr/bin/true", "/usr/bin/ls", "/usr/bin/python3.11", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
 

@@ -11,7 +11,7 @@ from fusefs.merged_tree import MergedTree
 from fusefs.operations import ReadOnlyOperations
 from index.builder import build_index
 from index.model import Entry, LayerFormat
-from snapshotter.eager_unpack import apply_layer
+from snapshotter.mount.eager_unpack import apply_layer
 from tests.fusefs.fuse_harness import serve
 from tests.support.image_builder import build_tar
 from tests.support.tree_compare import CAP, LONG, layer_entries, snapshot

@@ -11,9 +11,9 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from fusefs.import_prefetch import ImportPrefetcher, ModuleFile, module_file
 from fusefs.merged_tree import MergedTree
-from fusefs.python_imports import ImportStatement
+from fusefs.prefetch.imports import ImportPrefetcher, ModuleFile, module_file
+from fusefs.prefetch.python_imports import ImportStatement
 from index.model import Entry
 from index.model import EntryType as T
 from tests.fusefs.test_library_prefetch import PrefetchRecordingSource

@@ -9,10 +9,10 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from fusefs.elf_deps import ElfDeps, read_elf_deps
-from fusefs.library_prefetch import WHOLE_FILE_THRESHOLD, LibraryPrefetcher
 from fusefs.merged_tree import MergedTree
 from fusefs.operations import ReadOnlyOperations
+from fusefs.prefetch.elf_deps import ElfDeps, read_elf_deps
+from fusefs.prefetch.libraries import WHOLE_FILE_THRESHOLD, LibraryPrefetcher
 from index.model import Entry
 from index.model import EntryType as T
 from tests.fusefs.fuse_harness import MemorySource, serve

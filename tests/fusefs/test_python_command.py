@@ -1,4 +1,4 @@
-"""fusefs.python_command: what a Python process will run first, from its command line and /proc."""
+"""fusefs.prefetch.python_command: what a Python process will run first, from its command line and /proc."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from fusefs.python_command import PythonLaunch, parse_command, python_executable, read_launch
-from fusefs.python_imports import ImportStatement
+from fusefs.prefetch.python_command import PythonLaunch, parse_command, python_executable, read_launch
+from fusefs.prefetch.python_imports import ImportStatement
 
 V = (3, 11)
 

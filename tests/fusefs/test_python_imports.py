@@ -1,4 +1,4 @@
-"""fusefs.python_imports: the top-level imports of a module, from its bytecode (CPython 3.8-3.13) or its source."""
+"""fusefs.prefetch.python_imports: the top-level imports of a module, from its bytecode (CPython 3.8-3.13) or its source."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fusefs.python_imports import (
+from fusefs.prefetch.python_imports import (
     FROZEN_SINCE_311,
     ImportStatement,
     pyc_imports,

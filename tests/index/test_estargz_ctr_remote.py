@@ -24,7 +24,7 @@ import pytest
 
 from index.estargz import TOC_DIGEST_ANNOTATION, read_estargz
 from index.model import EntryType, LayerFormat
-from snapshotter.registry_client import RegistryClient
+from snapshotter.remote.client import RegistryClient
 from tests.support.image_builder import (
     DEFAULT_MTIME,
     Layer,

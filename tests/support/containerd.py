@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from snapshotter.containerd_env import (
+from snapshotter.devtools.containerd_env import (
     CONTAINERD,
     CTR,
     CTR_REMOTE,

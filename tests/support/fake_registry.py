@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from snapshotter.reference import Reference
-from snapshotter.registry_client import RegistryClient
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.reference import Reference
 
 Hook = Callable[[httpx.Request], Awaitable[httpx.Response | None]]
 _PATH = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<key>[^/]+)$")

@@ -1,4 +1,4 @@
-"""Build layers and images in Python and push them: the test-facing name of ``snapshotter.image_builder``.
+"""Build layers and images in Python and push them: the test-facing name of ``snapshotter.devtools.image_builder``.
 
 One implementation serves tests, the demo and benchmarks; see that module for the details::
 
@@ -8,7 +8,7 @@ One implementation serves tests, the demo and benchmarks; see that module for th
 
 from __future__ import annotations
 
-from snapshotter.image_builder import (
+from snapshotter.devtools.image_builder import (
     DEFAULT_MTIME,
     OPAQUE_WHITEOUT,
     WHITEOUT_PREFIX,

@@ -20,10 +20,10 @@ from typing import Any
 import trio
 
 from fusefs.mount import is_mounted
-from snapshotter.image_builder import Layer, PushedImage, push_image
-from snapshotter.mount_state import MountNotFound, pid_alive, read_record
-from snapshotter.reference import Reference
-from snapshotter.registry_client import RegistryClient
+from snapshotter.devtools.image_builder import Layer, PushedImage, push_image
+from snapshotter.mount.state import MountNotFound, pid_alive, read_record
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.reference import Reference
 
 LAZYSNAP = [sys.executable, "-m", "snapshotter.cli"]
 COMMAND_TIMEOUT = 120.0

@@ -1,6 +1,6 @@
 """Start real registries for tests: plain, basic auth (htpasswd) and Bearer tokens (our token server).
 
-The launcher itself is ``snapshotter.local_registry.LocalRegistry`` (shared with the demo and the
+The launcher itself is ``snapshotter.devtools.local_registry.LocalRegistry`` (shared with the demo and the
 benchmark); this module adds credentials, the token server, and unique repository names so
 tests sharing one session registry never see each other's tags.
 """
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapshotter.local_registry import HtpasswdAuth, LocalRegistry, TokenAuth
-from snapshotter.reference import Reference
+from snapshotter.devtools.local_registry import HtpasswdAuth, LocalRegistry, TokenAuth
+from snapshotter.remote.reference import Reference
 from tests.support.token_server import ISSUER, SERVICE, TokenServer
 
 TEST_USER = "lazysnap"

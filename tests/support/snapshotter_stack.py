@@ -5,6 +5,6 @@
 
 from __future__ import annotations
 
-from snapshotter.containerd_stack import LAZYSNAP_SERVE, SNAPSHOTTER, LazysnapStack, fuse_root
+from snapshotter.devtools.containerd_stack import LAZYSNAP_SERVE, SNAPSHOTTER, LazysnapStack, fuse_root
 
 __all__ = ["LAZYSNAP_SERVE", "SNAPSHOTTER", "LazysnapStack", "fuse_root"]

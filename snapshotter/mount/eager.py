@@ -1,0 +1,123 @@
+"""``lazysnap mount --eager``: the baseline. Download every layer, unpack it, bind-mount the result.
+
+This is what a normal pull does (containerd's overlayfs snapshotter): every layer is downloaded in
+full and verified, then applied in order onto one directory with containerd's whiteout rules,
+and the directory is bind-mounted read-only at the mount point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from index.errors import DigestMismatch
+from index.uncompressed import ReadableStream, open_tar_stream
+from snapshotter.mount.eager_unpack import apply_layer
+from snapshotter.remote.client import Descriptor, RegistryClient, ResolvedImage
+from snapshotter.remote.media_types import layer_format
+
+
+@dataclass
+class EagerResult:
+    """What an eager mount did."""
+
+    rootfs: Path
+    seconds: float
+    bytes_downloaded: int
+    image_size: int
+
+
+async def eager_mount(
+    client: RegistryClient, image: ResolvedImage, root: Path, mountpoint: str
+) -> EagerResult:
+    """Download, verify and unpack every layer of ``image`` under ``root``, then bind-mount it read-only.
+
+    Raises:
+        DigestMismatch: a layer's tar does not match its DiffID.
+        RegistryError, FetchError, LayerFormatError: as the download and unpack raise them.
+    """
+    started = time.monotonic()
+    rootfs = root / "eager" / image.manifest_digest.replace(":", "-") / "rootfs"
+    blobs = root / "eager" / image.manifest_digest.replace(":", "-") / "blobs"
+    if rootfs.exists():
+        shutil.rmtree(rootfs)
+    rootfs.mkdir(parents=True, mode=0o755)
+    blobs.mkdir(parents=True, exist_ok=True)
+    downloaded = 0
+    for number, layer in enumerate(image.layers):
+        path = blobs / layer.digest.replace(":", "-")
+        downloaded += await _download(client, image, layer, path)
+        diff_id = image.diff_ids[number] if number < len(image.diff_ids) else ""
+        await trio.to_thread.run_sync(_unpack, path, layer, diff_id, rootfs)
+        path.unlink()
+    subprocess.run(["mount", "--bind", str(rootfs), mountpoint], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", mountpoint], check=True)
+    return EagerResult(
+        rootfs, time.monotonic() - started, downloaded, sum(layer.size for layer in image.layers)
+    )
+
+
+async def _download(client: RegistryClient, image: ResolvedImage, layer: Descriptor, path: Path) -> int:
+    """Stream a blob to a file (stream_blob verifies its digest); return the byte count."""
+    size = 0
+    with open(path, "wb") as out:
+        async for piece in client.stream_blob(image.reference, layer.digest):
+            out.write(piece)
+            size += len(piece)
+    return size
+
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through it, for the DiffID check."""
+
+    def __init__(self, inner: ReadableStream) -> None:
+        self.inner = inner
+        self.hasher = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.inner.read(size)
+        self.hasher.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _unpack(path: Path, layer: Descriptor, diff_id: str, rootfs: Path) -> None:
+    with open(path, "rb") as raw:
+        hashing = _HashingReader(open_tar_stream(raw, layer_format(layer.media_type)))
+        apply_layer(hashing, str(rootfs))
+        hashing.drain()
+    actual = "sha256:" + hashing.hasher.hexdigest()
+    if diff_id and actual != diff_id:
+        raise DigestMismatch(f"layer {layer.digest} (uncompressed tar)", diff_id, actual)
+
+
+def run_eager_mount(
+    reference: str,
+    mountpoint: str,
+    root: str,
+    *,
+    plain_http: bool = False,
+    docker_config_path: str | None = None,
+) -> int:
+    """``lazysnap mount --eager``: pull and unpack everything, bind-mount it, print what it took; exit code."""
+
+    async def pull() -> EagerResult:
+        async with RegistryClient(plain_http=plain_http, docker_config_path=docker_config_path) as client:
+            image = await client.resolve(reference)
+            return await eager_mount(client, image, Path(root), mountpoint)
+
+    result = trio.run(pull)
+    print(
+        f"mounted {reference} at {mountpoint} eagerly in {result.seconds:.2f} s "
+        f"({result.bytes_downloaded / 1e6:.2f} MB downloaded of {result.image_size / 1e6:.2f} MB)"
+    )
+    return 0
