@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
 
 import pyfuse3
 import trio
@@ -63,7 +64,9 @@ async def run_filesystem(
     pyfuse3.init(ops, mountpoint, mount_options(fsname, allow_other=allow_other, extra=extra_options))
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_serve, max_tasks)
+            if isinstance(ops, TaskOwner):
+                ops.bind_task_nursery(nursery)  # background tasks end with the mount
+            nursery.start_soon(_serve, max_tasks, nursery)
             await _wait_answering(mountpoint, read_ahead_kb)
             if isinstance(ready, trio.Event):
                 ready.set()
@@ -76,9 +79,19 @@ async def run_filesystem(
         pyfuse3.close(unmount=True)
 
 
-async def _serve(max_tasks: int) -> None:
+async def _serve(max_tasks: int, nursery: trio.Nursery) -> None:
     # pyfuse3.main is a Cython coroutine; trio wants a Python one as a task.
     await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
+    nursery.cancel_scope.cancel()  # unmounted: the background tasks beside it end too
+
+
+@runtime_checkable
+class TaskOwner(Protocol):
+    """Operations that run background tasks in the filesystem's nursery."""
+
+    def bind_task_nursery(self, nursery: trio.Nursery) -> None:
+        """Start background tasks in ``nursery`` from now on."""
+        ...
 
 
 async def _wait_answering(mountpoint: str, read_ahead_kb: int) -> None:

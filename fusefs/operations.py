@@ -23,12 +23,14 @@ import os
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import pyfuse3
+import trio
 
 from fusefs.merged_tree import MergedTree, Node
+from fusefs.prefetch import Prefetcher, TreeTasks
 from fusefs.prefetch.imports import ImportPrefetcher
 from fusefs.prefetch.libraries import LibraryPrefetcher, PrefetchingSource
 from index.errors import LazysnapError
@@ -61,6 +63,15 @@ class ContentSource(Protocol):
         ...
 
 
+@runtime_checkable
+class ClosableSource(Protocol):
+    """A content source that wants to know when its tree is gone and none of its files is open."""
+
+    def close(self) -> None:
+        """Release what the source holds; no read of it comes after this."""
+        ...
+
+
 @dataclass(slots=True, eq=False)
 class _Tree:
     name: str
@@ -68,14 +79,24 @@ class _Tree:
     source: ContentSource
     base: int
     # Read-ahead driven by what files say they need next: a program's libraries, a module's imports.
-    prefetchers: tuple[LibraryPrefetcher | ImportPrefetcher, ...] = ()
+    prefetchers: tuple[Prefetcher, ...] = ()
+    tasks: TreeTasks = field(default_factory=TreeTasks)
+    open_files: int = 0
+    removed: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.source, PrefetchingSource):
             self.prefetchers = (
-                LibraryPrefetcher(self.tree, self.source),
-                ImportPrefetcher(self.tree, self.source),
+                LibraryPrefetcher(self.tree, self.source, self.tasks),
+                ImportPrefetcher(self.tree, self.source, self.tasks),
             )
+
+    def retire_if_unused(self) -> None:
+        """Once removed and with no open file, stop its tasks and close its source."""
+        if self.removed and self.open_files == 0:
+            self.tasks.cancel()
+            if isinstance(self.source, ClosableSource):
+                self.source.close()
 
 
 def _size(entry: Entry) -> int:
@@ -113,6 +134,7 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         self._dirs: dict[int, list[tuple[bytes, _Tree | None, Node | None]]] = {}
         self._next_fh = 1
         self._live = False
+        self._task_nursery: trio.Nursery | None = None
         # A single tree without any xattr answers getxattr with ENOSYS: the kernel then stops asking
         # for the rest of the mount (it never caches "no such attribute"), which made `ls -lR` send
         # one getxattr per file to this daemon. A forest can't: a tree added later may have xattrs.
@@ -135,12 +157,24 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         self._next_base += len(tree)
         self._forest_mtime_ns = time.time_ns()
 
+    def bind_task_nursery(self, nursery: trio.Nursery) -> None:
+        """Run the trees' background tasks (prefetches) in ``nursery``, the filesystem's own."""
+        self._task_nursery = nursery
+        for owner in self._by_name.values():
+            owner.tasks.bind(nursery)
+
     def remove_tree(self, name: str) -> None:
-        """Stop showing the tree ``name``; open files of it keep working; raises KeyError if unknown."""
+        """Stop showing the tree ``name``; open files of it keep working; raises KeyError if unknown.
+
+        Its prefetch tasks are cancelled now; its source is closed once no file of it is open.
+        """
         entry = self._by_name.pop(name)
         del self._by_base[entry.base]
         self._bases.remove(entry.base)
         self._forest_mtime_ns = time.time_ns()
+        entry.removed = True
+        entry.tasks.cancel()
+        entry.retire_if_unused()
         if self._live:
             # The kernel holds the name for DEFAULT_TIMEOUT otherwise. The async variant is the
             # one that can't deadlock when called from the loop that serves requests.
@@ -151,6 +185,8 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         return sorted(self._by_name)
 
     def _insert(self, entry: _Tree) -> None:
+        if self._task_nursery is not None:
+            entry.tasks.bind(self._task_nursery)
         self._by_name[entry.name] = entry
         self._by_base[entry.base] = entry
         bisect.insort(self._bases, entry.base)
@@ -322,6 +358,7 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
             raise pyfuse3.FUSEError(errno.EISDIR)
         fh = self._new_fh()
         self._files[fh] = (owner, node)
+        owner.open_files += 1
         for prefetcher in owner.prefetchers:
             prefetcher.note_open(node, ctx.pid)
         # keep_cache: the bytes of an immutable layer never go stale, so reopening a file must
@@ -378,8 +415,12 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         return data
 
     async def release(self, fh: int) -> None:
-        """Forget an open file handle."""
-        self._files.pop(fh, None)
+        """Forget an open file handle (the last one of a removed tree retires it)."""
+        found = self._files.pop(fh, None)
+        if found is not None:
+            owner = found[0]
+            owner.open_files -= 1
+            owner.retire_if_unused()
 
     def _new_fh(self) -> int:
         fh = self._next_fh

@@ -89,3 +89,7 @@ class FailedPrecondition(SnapshotError):
 
 class InvalidArgument(SnapshotError):
     """The call's arguments are malformed (bad filter, forbidden field path, ...)."""
+
+
+class NotServedLazily(LazysnapError):
+    """The layer has no index to be served from without downloading it whole first."""

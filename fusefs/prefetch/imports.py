@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import trio
 
 from fusefs.merged_tree import MergedTree, Node
+from fusefs.prefetch import TreeTasks
 from fusefs.prefetch.elf_deps import ELF_MAGIC, elf_machine, multiarch_triplet
 from fusefs.prefetch.libraries import PrefetchingSource
 from fusefs.prefetch.python_command import INTERPRETER_NAME, PythonLaunch, python_executable, read_launch
@@ -107,7 +108,8 @@ def module_file(path: str) -> ModuleFile | None:
 class ImportPrefetcher:
     """Per merged tree: on the first read of a Python module, prefetch what it will import, recursively."""
 
-    def __init__(self, tree: MergedTree, source: PrefetchingSource) -> None:
+    def __init__(self, tree: MergedTree, source: PrefetchingSource, tasks: TreeTasks) -> None:
+        self._tasks = tasks
         self._tree = tree
         self._source = source
         self._handled: set[int] = set()  # node indexes fetched or being fetched
@@ -136,7 +138,7 @@ class ImportPrefetcher:
         self._launches.add((pid, exe))
         launch = read_launch(pid, exe)
         if launch is not None and (launch.statements or launch.script):
-            trio.lowlevel.spawn_system_task(self._run_launch, launch, name=f"import-prefetch pid {pid}")
+            self._tasks.start_soon(self._run_launch, launch, name=f"import-prefetch pid {pid}")
 
     async def _run_launch(self, launch: PythonLaunch) -> None:
         major, minor = launch.version
@@ -170,11 +172,9 @@ class ImportPrefetcher:
             return  # a .py read by an editor, cat or grep (someone browsing the image): no imports follow
         self._handled.add(node.index)
         whole = data if len(data) == node.entry.size else None
-        # A system task: FUSE handlers have no nursery of their own, and the prefetch must not
-        # delay the read that revealed it. It ends with the daemon's trio run at the latest.
-        trio.lowlevel.spawn_system_task(
-            self._run, node, module, whole, name=f"import-prefetch {node.entry.path}"
-        )
+        # In the tree's task group: the prefetch must not delay the read that revealed it, and
+        # it ends when the tree is removed or the mount ends.
+        self._tasks.start_soon(self._run, node, module, whole, name=f"import-prefetch {node.entry.path}")
 
     def _note_interpreter(self, node: Node, head: bytes) -> None:
         """A Python interpreter starting: prefetch what it reads before any of the program's modules."""
@@ -194,7 +194,7 @@ class ImportPrefetcher:
         machine = elf_machine(head)
         triplet = multiarch_triplet(machine) if machine is not None else None
         data = [path.format(triplet=triplet) for path in STARTUP_DATA if triplet or "{triplet}" not in path]
-        trio.lowlevel.spawn_system_task(
+        self._tasks.start_soon(
             self._run_startup, importer, startup, data, name=f"import-prefetch {node.entry.path}"
         )
 

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import trio
 
 from fusefs.merged_tree import MergedTree, Node
+from fusefs.prefetch import TreeTasks
 from fusefs.prefetch.elf_deps import ELF_MAGIC, ElfDeps, ReadAt, read_elf_deps
 from index.model import Entry, EntryType
 
@@ -56,7 +57,8 @@ class PrefetchingSource(Protocol):
 class LibraryPrefetcher:
     """Per merged tree: on the first read of each ELF file, prefetch the libraries it will load."""
 
-    def __init__(self, tree: MergedTree, source: PrefetchingSource) -> None:
+    def __init__(self, tree: MergedTree, source: PrefetchingSource, tasks: TreeTasks) -> None:
+        self._tasks = tasks
         self._tree = tree
         self._source = source
         self._handled: set[int] = set()  # node indexes inspected or prefetched already
@@ -78,7 +80,7 @@ class LibraryPrefetcher:
         if node.index in self._whole or node.index in self._handled:
             return
         self._whole.add(node.index)
-        trio.lowlevel.spawn_system_task(self._prefetch_whole, node, name=f"prefetch {entry.path}")
+        self._tasks.start_soon(self._prefetch_whole, node, name=f"prefetch {entry.path}")
 
     async def _prefetch_whole(self, node: Node) -> None:
         try:
@@ -91,9 +93,9 @@ class LibraryPrefetcher:
         if offset != 0 or not data.startswith(ELF_MAGIC) or node.index in self._handled:
             return
         self._handled.add(node.index)
-        # A system task: FUSE handlers have no nursery of their own, and the prefetch must not
-        # delay the read that revealed it. It ends with the daemon's trio run at the latest.
-        trio.lowlevel.spawn_system_task(self._run, node, name=f"library-prefetch {node.entry.path}")
+        # In the tree's task group: the prefetch must not delay the read that revealed it, and
+        # it ends when the tree is removed or the mount ends.
+        self._tasks.start_soon(self._run, node, name=f"library-prefetch {node.entry.path}")
 
     async def _run(self, node: Node) -> None:
         try:

@@ -488,6 +488,12 @@ class BlobCache:
             self._open[digest] = blob
         return blob
 
+    def release(self, digest: str) -> None:
+        """Close the blob of ``digest`` if it is open (its bytes stay on disk); the next ``open`` reopens it."""
+        blob = self._open.pop(digest, None)
+        if blob is not None:
+            blob.close()
+
     def close(self) -> None:
         """Close every open blob."""
         for blob in self._open.values():

@@ -1,4 +1,13 @@
-"""Layer indexes kept on local disk, one file per compressed blob digest, shared by all mounts.
+"""Layer indexes kept on local disk, one file per compressed blob digest and provenance, shared by all mounts.
+
+Where an index came from decides who may use it (docs/trust.md):
+
+- ``ROOT/sha256/<hex>.idx``: *trusted* indexes, built here from a blob whose digest was verified
+  (or checked against the complete, verified blob): used for any image holding that blob;
+- ``ROOT/scoped/<scope hash>/sha256/<hex>.idx``: indexes nothing here has checked yet, usable
+  only where they were found: an index published in a repository (scope ``repo:host/name``),
+  a TOC pinned by one image's annotation (scope ``toc:<toc digest>``). Another image sharing the
+  blob never sees them, so one repository's lie can't reach another's mounts.
 
 ``IndexStore`` writes each index as it is put; ``WriteBehindIndexStore`` queues them until
 ``flush``, so a mount daemon can write them once its mount is ready.
@@ -6,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -26,17 +36,20 @@ class IndexStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def path(self, digest: str) -> Path:
-        """Where the index of ``digest`` is stored (the digest is validated so it can't name another path).
+    def path(self, digest: str, scope: str = "") -> Path:
+        """Where the index of ``digest`` is stored for ``scope`` ("" = trusted); the digest is validated so it can't name another path.
 
         Raises:
             ValueError: ``digest`` is not a sha256 digest.
         """
-        return self.root / "sha256" / f"{sha256_hex(digest)}.idx"
+        name = f"{sha256_hex(digest)}.idx"
+        if not scope:
+            return self.root / "sha256" / name
+        return self.root / "scoped" / hashlib.sha256(scope.encode()).hexdigest() / "sha256" / name
 
-    def get(self, digest: str) -> LayerIndex | None:
-        """Return the stored index of a blob, or None; a corrupt or old-version file is dropped and logged."""
-        path = self.path(digest)
+    def get(self, digest: str, scope: str = "") -> LayerIndex | None:
+        """Return the stored index of a blob for ``scope`` ("" = trusted), or None; a corrupt or old-version file is dropped and logged."""
+        path = self.path(digest, scope)
         if not path.exists():
             return None
         try:
@@ -51,11 +64,15 @@ class IndexStore:
             return None
         return index
 
-    def put(self, index: LayerIndex) -> None:
-        """Store an index atomically under its blob digest."""
-        path = self.path(index.digest)
+    def put(self, index: LayerIndex, scope: str = "") -> None:
+        """Store an index atomically under its blob digest, for ``scope`` ("" = trusted)."""
+        path = self.path(index.digest, scope)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_index(path, index)
+
+    def drop(self, digest: str, scope: str = "") -> None:
+        """Forget the stored index of ``digest`` for ``scope`` (one that proved false)."""
+        self.path(digest, scope).unlink(missing_ok=True)
 
 
 class WriteBehindIndexStore(IndexStore):
@@ -68,19 +85,25 @@ class WriteBehindIndexStore(IndexStore):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         super().__init__(root)
-        self._queued: dict[str, LayerIndex] = {}
+        self._queued: dict[tuple[str, str], LayerIndex] = {}
         self._lock = threading.Lock()
 
-    def get(self, digest: str) -> LayerIndex | None:
-        """The queued index of ``digest`` if there is one, else the stored one (see IndexStore.get)."""
+    def get(self, digest: str, scope: str = "") -> LayerIndex | None:
+        """The queued index of ``digest`` for ``scope`` if there is one, else the stored one (see IndexStore.get)."""
         with self._lock:
-            queued = self._queued.get(digest)
-        return queued if queued is not None else super().get(digest)
+            queued = self._queued.get((digest, scope))
+        return queued if queued is not None else super().get(digest, scope)
 
-    def put(self, index: LayerIndex) -> None:
+    def put(self, index: LayerIndex, scope: str = "") -> None:
         """Queue ``index`` for the next flush."""
         with self._lock:
-            self._queued[index.digest] = index
+            self._queued[(index.digest, scope)] = index
+
+    def drop(self, digest: str, scope: str = "") -> None:
+        """Forget a queued or stored index (see IndexStore.drop)."""
+        with self._lock:
+            self._queued.pop((digest, scope), None)
+        super().drop(digest, scope)
 
     def flush(self) -> None:
         """Write every queued index (each atomically); raises OSError, the failed index staying queued."""
@@ -88,8 +111,8 @@ class WriteBehindIndexStore(IndexStore):
             with self._lock:
                 if not self._queued:
                     return
-                digest, index = next(iter(self._queued.items()))
-            super().put(index)
+                key, index = next(iter(self._queued.items()))
+            super().put(index, key[1])
             with self._lock:
-                if self._queued.get(digest) is index:
-                    del self._queued[digest]
+                if self._queued.get(key) is index:
+                    del self._queued[key]

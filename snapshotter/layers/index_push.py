@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from index.model import LayerFormat
 from index.reader import is_randomly_accessible
 from snapshotter.cache.blob_cache import BlobCache
 from snapshotter.cache.index_store import IndexStore
 from snapshotter.layers.published import artifact_tag, publish_indexes
-from snapshotter.layers.sources import HOW_ESTARGZ, LayerResolver
+from snapshotter.layers.sources import LayerResolver, SourceSettings
 from snapshotter.remote.client import RegistryClient
 
 
@@ -42,14 +43,18 @@ async def push_image_indexes(
         async with RegistryClient(plain_http=plain_http, docker_config_path=docker_config_path) as client:
             image = await client.resolve(reference)
             resolver = LayerResolver(
-                client, image.reference, cache, IndexStore(Path(root) / "indexes"), gzip_spacing=gzip_spacing
+                client,
+                image.reference,
+                cache,
+                IndexStore(Path(root) / "indexes"),
+                settings=SourceSettings(gzip_spacing=gzip_spacing),
             )
             indexes = []
             skipped: dict[str, str] = {}
             for number, descriptor in enumerate(image.layers):
                 diff_id = image.diff_ids[number] if number < len(image.diff_ids) else ""
                 layer = await resolver.open_layer(descriptor, diff_id)
-                if layer.how == HOW_ESTARGZ:
+                if layer.index.format is LayerFormat.ESTARGZ:
                     skipped[descriptor.digest] = "eStargz: the blob carries its own TOC"
                 elif not is_randomly_accessible(layer.index):
                     skipped[descriptor.digest] = "no seek points (single zstd frame): an index would not help"

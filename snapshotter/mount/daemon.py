@@ -19,22 +19,18 @@ from typing import Any
 
 import trio
 
-from fusefs.merged_tree import MergedTree
 from fusefs.mount import run_filesystem, unmount
 from fusefs.operations import ReadOnlyOperations
 from index.errors import LazysnapError
 from snapshotter.cache.blob_cache import BlobCache
 from snapshotter.cache.index_store import WriteBehindIndexStore
+from snapshotter.layers.chain import ChainCore, DiffId, LayerRequest, ServeSettings
+from snapshotter.layers.layer import Layer
 from snapshotter.layers.published import PublishedIndexes
-from snapshotter.layers.sources import ChainSource, Layer, LayerResolver, declares_estargz_toc, verify_layer
 from snapshotter.mount.state import MountRecord, control_socket_path, remove_record, write_record
 from snapshotter.remote.client import RegistryClient, ResolvedImage
 
 log = logging.getLogger(__name__)
-
-# Layers resolved at once: each may be a whole-blob download, so a few in parallel fill the link
-# without starving the first layers the merge needs.
-PARALLEL_LAYER_OPENS = 3
 
 
 @dataclass(frozen=True)
@@ -77,14 +73,16 @@ class StatusPipe:
 class MountDaemon:
     """One mounted image: its layers, its filesystem and its statistics."""
 
-    def __init__(self, options: MountOptions, status: StatusPipe) -> None:
+    def __init__(
+        self, options: MountOptions, status: StatusPipe, settings: ServeSettings | None = None
+    ) -> None:
         self.options = options
         self.status = status
+        self.settings = settings or ServeSettings()
         self.image: ResolvedImage | None = None
         self.layers: list[Layer] = []
         self.started = time.monotonic()
         self.ready_seconds = 0.0
-        self.background_errors: list[str] = []
         # Indexes obtained while mounting are written once the mount is ready, not before.
         self.store = WriteBehindIndexStore(Path(options.root) / "indexes")
         self._diff_ids_loaded = trio.Event()
@@ -99,7 +97,11 @@ class MountDaemon:
             "pid": os.getpid(),
             "ready_seconds": self.ready_seconds,
             "background_fetch": self.options.background_fetch,
-            "background_errors": self.background_errors,
+            "background_errors": [
+                f"layer {number}: {layer.background_error or layer.failed}"
+                for number, layer in enumerate(self.layers)
+                if layer.background_error or layer.failed
+            ],
             "image_size": sum(layer["size"] for layer in layers),
             "bytes_fetched": sum(layer["bytes_fetched"] for layer in layers),
             "layers": layers,
@@ -114,18 +116,17 @@ class MountDaemon:
                 plain_http=options.plain_http, docker_config_path=options.docker_config_path
             ) as client:
                 image = self.image = await client.resolve_manifest(options.reference)
-                resolver = LayerResolver(
-                    client, image.reference, cache, self.store, published=PublishedIndexes(client, image)
-                )
                 async with trio.open_nursery() as nursery:
-                    # The config (for the DiffIDs) comes while the layers open: a layer that
-                    # declares its eStargz TOC does not need its DiffID until it is verified.
-                    nursery.start_soon(self._load_diff_ids, client, image)
-                    await self._open_layers(resolver, image)
-                await self._serve()
-        except LazysnapError as error:
-            self.status.send("error", message=str(error))
-            log.error("mount failed: %s", error)
+                    core = ChainCore(client, cache, self.store, nursery, self.settings)
+                    try:
+                        await self._mount(core, client, image, nursery)
+                    finally:
+                        nursery.cancel_scope.cancel()  # the mount is gone: stop fills and prefetches
+                        core.close()
+        except (LazysnapError, OSError) as error:
+            message = str(error) if isinstance(error, LazysnapError) else f"{type(error).__name__}: {error}"
+            self.status.send("error", message=message)
+            log.error("mount failed: %s", message)
             return 1
         finally:
             cache.close()
@@ -134,46 +135,48 @@ class MountDaemon:
             self.status.close()
         return 0
 
-    async def _load_diff_ids(self, client: RegistryClient, image: ResolvedImage) -> None:
-        self.image = dataclasses.replace(image, diff_ids=await client.load_diff_ids(image))
-        self._diff_ids_loaded.set()
-
-    async def _diff_id(self, number: int) -> str:
-        """Layer ``number``'s DiffID from the config, once it is loaded."""
-        await self._diff_ids_loaded.wait()
-        assert self.image is not None
-        return self.image.diff_ids[number] if number < len(self.image.diff_ids) else ""
-
-    async def _open_layers(self, resolver: LayerResolver, image: ResolvedImage) -> None:
-        opened: list[Layer | None] = [None] * len(image.layers)
-        limiter = trio.CapacityLimiter(PARALLEL_LAYER_OPENS)
+    async def _mount(
+        self, core: ChainCore, client: RegistryClient, image: ResolvedImage, nursery: trio.Nursery
+    ) -> None:
+        """Open the image's layers, mount their merged tree, and serve until it is unmounted."""
+        # The config (for the DiffIDs) comes while the layers open: a layer that declares its
+        # eStargz TOC does not need its DiffID until it is verified.
+        nursery.start_soon(self._load_diff_ids, client, image)
+        published = PublishedIndexes(client, image)
+        by_digest = "@sha256:" in self.options.reference
+        requests = [
+            LayerRequest(descriptor, image.reference, self._diff_id_getter(number), published, by_digest)
+            for number, descriptor in enumerate(image.layers)
+        ]
 
         def progress(digest: str, done: int, total: int) -> None:
             self.status.send("progress", digest=digest, done=done, total=total)
 
-        async def open_one(number: int) -> None:
-            async with limiter:
-                descriptor = image.layers[number]
-                diff_id = "" if declares_estargz_toc(descriptor) else await self._diff_id(number)
-                layer = await resolver.open_layer(descriptor, diff_id, progress)
-                opened[number] = layer
-                self.status.send(
-                    "layer", index=number, digest=descriptor.digest, how=layer.how, reason=layer.reason
-                )
+        def opened(number: int, layer: Layer) -> None:
+            digest = image.layers[number].digest
+            self.status.send("layer", index=number, digest=digest, how=layer.how, reason=layer.reason)
 
-        async with trio.open_nursery() as nursery:
-            for number in range(len(image.layers)):
-                nursery.start_soon(open_one, number)
-        self.layers = [layer for layer in opened if layer is not None]
+        self.layers = await core.open_layers(requests, progress=progress, on_opened=opened)
+        tree, source = await core.chain(self.layers)
+        await self._serve(ReadOnlyOperations(tree, source), core)
 
-    async def _serve(self) -> None:
+    async def _load_diff_ids(self, client: RegistryClient, image: ResolvedImage) -> None:
+        self.image = dataclasses.replace(image, diff_ids=await client.load_diff_ids(image))
+        self._diff_ids_loaded.set()
+
+    def _diff_id_getter(self, number: int) -> DiffId:
+        """Layer ``number``'s DiffID from the config, awaited once it is loaded."""
+
+        async def diff_id() -> str:
+            await self._diff_ids_loaded.wait()
+            assert self.image is not None
+            return self.image.diff_ids[number] if number < len(self.image.diff_ids) else ""
+
+        return diff_id
+
+    async def _serve(self, operations: ReadOnlyOperations, core: ChainCore) -> None:
         options = self.options
         async with trio.open_nursery() as nursery:
-            for layer in self.layers:
-                if layer.prefetch_end:  # under way while the mount comes up, not before it
-                    nursery.start_soon(layer.prefetch_landmark)
-            tree = MergedTree.build([layer.index.entries for layer in self.layers])
-            operations = ReadOnlyOperations(tree, ChainSource(self.layers))
             await nursery.start(self._filesystem, operations, nursery)
             self.ready_seconds = time.monotonic() - self.started
             # Started, not just scheduled: a `stats` or a signal right after `ready` must be answered.
@@ -199,12 +202,7 @@ class MountDaemon:
             )
             self.status.close()
             nursery.start_soon(self._save_indexes)
-            if options.background_fetch:
-                nursery.start_soon(self._background_fetch)
-            else:
-                # Layers already complete (streamed while indexed) need no registry to be verified
-                # and unpacked locally, so that is done even without background fetch.
-                nursery.start_soon(self._background_fetch, True)
+            core.allow_fills()
 
     async def _filesystem(
         self,
@@ -235,20 +233,6 @@ class MountDaemon:
                 await trio.to_thread.run_sync(unmount, self.options.mountpoint)
                 return
 
-    async def _background_fetch(self, complete_only: bool = False) -> None:
-        """Fetch the rest of every layer at low priority (or only take complete ones), then verify it whole."""
-        assert self.image is not None
-        for number, layer in enumerate(self.layers):
-            diff_id = self.image.diff_ids[number] if number < len(self.image.diff_ids) else ""
-            if complete_only and not layer.blob.complete:
-                continue
-            try:
-                await layer.blob.fill()
-                await verify_layer(layer, diff_id)
-            except LazysnapError as error:
-                self.background_errors.append(f"layer {number}: {error}")
-                log.warning("background-fetch-failed layer=%s error=%s", layer.descriptor.digest, error)
-
     async def _serve_control(
         self, path: Path, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -271,5 +255,6 @@ class MountDaemon:
 
 def run_mount_daemon(options: MountOptions, status_fd: int | None) -> int:
     """Run a mount daemon in this process until the image is unmounted; return the exit code."""
-    daemon = MountDaemon(options, StatusPipe(status_fd))
+    settings = ServeSettings(background_fetch=options.background_fetch)
+    daemon = MountDaemon(options, StatusPipe(status_fd), settings)
     return trio.run(daemon.run)

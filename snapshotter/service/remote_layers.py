@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -20,15 +21,16 @@ from pathlib import Path
 
 import trio
 
-from fusefs.merged_tree import MergedTree
 from fusefs.mount import is_mounted, run_filesystem, unmount
 from fusefs.operations import ReadOnlyOperations
 from index.errors import LazysnapError
 from snapshotter.cache.blob_cache import BlobCache
 from snapshotter.cache.index_store import IndexStore
 from snapshotter.config import Config
+from snapshotter.errors import FailedPrecondition, InvalidArgument
+from snapshotter.layers.chain import ChainCore, LayerRequest, ServeSettings, known_diff_id
+from snapshotter.layers.layer import Layer
 from snapshotter.layers.published import PublishedIndexes
-from snapshotter.layers.sources import ChainSource, Layer, LayerResolver, verify_layer
 from snapshotter.remote.client import Descriptor, RegistryClient, ResolvedImage
 from snapshotter.remote.reference import parse_reference, sha256_hex
 from snapshotter.remote.request import RetryPolicy
@@ -57,6 +59,8 @@ class ChainRecord:
     size: int
     annotations: dict[str, str]
     diff_id: str
+    # Whether the image was named by digest where containerd got it (decides which indexes are trusted).
+    pulled_by_digest: bool = False
 
     def descriptor(self) -> Descriptor:
         """The layer's manifest descriptor."""
@@ -68,106 +72,106 @@ def _first_label(labels: Mapping[str, str], keys: Sequence[str]) -> str:
 
 
 class FuseRemoteLayers(RemoteLayers):
-    """Remote layer chains served from one FUSE forest mounted at ``mount_dir``."""
+    """Remote layer chains served from one FUSE forest mounted at ``mount_dir``.
+
+    Prepares of different images proceed concurrently: only a chain waits for its parent chain
+    when that one is still being prepared, and an image is resolved once however many of its
+    layers ask at the same time.
+    """
 
     def __init__(
         self,
         root: Path,
         mount_dir: Path,
+        core: ChainCore,
         client: RegistryClient,
-        cache: BlobCache,
-        store: IndexStore,
         operations: ReadOnlyOperations,
-        nursery: trio.Nursery,
-        *,
-        background_fetch: bool = True,
-        background_delay: float = 0.0,
-        read_timeout: float | None = None,
     ) -> None:
         self._records_dir = root / "remote"
         self._records_dir.mkdir(parents=True, exist_ok=True)
         self._mount_dir = mount_dir
+        self._core = core
         self._client = client
-        self._cache = cache
-        self._store = store
         self._operations = operations
-        self._nursery = nursery
-        self._background_fetch = background_fetch
-        self._background_delay = background_delay
-        self._read_timeout = read_timeout
         self._chains: dict[str, list[Layer]] = {}
-        self._layers: dict[str, Layer] = {}
+        self._preparing: dict[str, trio.Event] = {}  # chain ids being exposed right now
         self._images: dict[str, ResolvedImage] = {}  # by the reference containerd named
+        self._resolving: dict[str, trio.Lock] = {}
         self._published: dict[str, PublishedIndexes] = {}  # by manifest digest: one listing per image
-        self._lock = trio.Lock()  # one prepare at a time: chains build on each other
 
     async def prepare_remote(
         self, chain_id: str, parent_chain_id: str | None, labels: Mapping[str, str]
     ) -> str | None:
         """Expose ``chain_id`` lazily; return None, or why it can't be served lazily."""
-        async with self._lock:
-            if chain_id in self._chains:
-                return None
-            reference = _first_label(labels, IMAGE_REF_LABELS)
-            layer_digest = _first_label(labels, LAYER_DIGEST_LABELS)
-            if not reference or not layer_digest:
-                return "no image reference or layer digest label (containerd.io/snapshot/cri.*)"
-            if parent_chain_id and parent_chain_id not in self._chains:
-                return f"parent {parent_chain_id} is not a lazysnap remote chain"
-            try:
-                image = await self._resolve(reference, labels.get(MANIFEST_DIGEST_LABEL, ""), layer_digest)
-                record = self._record_for(image, chain_id, parent_chain_id or "", layer_digest)
-                if isinstance(record, str):
-                    return record
-                await self._expose(record, allow_download=False, published=self._published_for(image))
-            except LazysnapError as error:
-                return str(error)
+        while chain_id in self._preparing:
+            await self._preparing[chain_id].wait()
+        if chain_id in self._chains:
+            return None
+        reference = _first_label(labels, IMAGE_REF_LABELS)
+        layer_digest = _first_label(labels, LAYER_DIGEST_LABELS)
+        if not reference or not layer_digest:
+            return "no image reference or layer digest label (containerd.io/snapshot/cri.*)"
+        self._preparing[chain_id] = trio.Event()
+        try:
+            if parent_chain_id:
+                # Only what depends on a parent waits for it.
+                while parent_chain_id in self._preparing:
+                    await self._preparing[parent_chain_id].wait()
+                if parent_chain_id not in self._chains:
+                    return f"parent {parent_chain_id} is not a lazysnap remote chain"
+            image = await self._resolve(reference, labels.get(MANIFEST_DIGEST_LABEL, ""), layer_digest)
+            record = self._record_for(
+                image, chain_id, parent_chain_id or "", layer_digest, "@sha256:" in reference
+            )
+            if isinstance(record, str):
+                return record
+            await self._expose(record, allow_download=False, published=self._published_for(image))
             self._write_record(record)
             return None
+        except LazysnapError as error:
+            return str(error)
+        finally:
+            self._preparing.pop(chain_id).set()
 
     def lower_dir(self, chain_id: str) -> str:
         """The directory showing the merged chain up to ``chain_id``.
 
         Raises:
-            LazysnapError: the chain is not exposed (its layers could not be restored).
+            FailedPrecondition: the chain is not exposed (its layers could not be restored).
         """
         if chain_id not in self._chains:
-            raise LazysnapError(f"remote chain {chain_id} is not available; its layers could not be restored")
+            raise FailedPrecondition(
+                f"remote chain {chain_id} is not available; its layers could not be restored"
+            )
         return str(self._mount_dir / _hex(chain_id))
 
     async def release(self, chain_id: str) -> None:
-        """Stop showing a chain whose snapshot was removed, and forget layers no other chain uses."""
-        async with self._lock:
-            if self._chains.pop(chain_id, None) is not None:
-                self._operations.remove_tree(_hex(chain_id))
-            self._record_path(chain_id).unlink(missing_ok=True)
-            # A layer's index and decoded-span cache can take tens of MB: a long-running daemon must
-            # not keep those of every image it ever served. Files still open in the removed tree
-            # keep their layer alive through its content source until they are closed; the cached
-            # blob stays on disk for the next image that shares it.
-            used = {id(layer) for chain in self._chains.values() for layer in chain}
-            for digest, layer in list(self._layers.items()):
-                if id(layer) not in used:
-                    del self._layers[digest]
+        """Stop showing a chain whose snapshot was removed; its layers are forgotten once no chain uses them.
+
+        Files still open in the removed tree keep their layers until they are closed (the forest
+        closes the chain's source then); the cached blobs stay on disk for the next image sharing them.
+        """
+        if self._chains.pop(chain_id, None) is not None:
+            self._operations.remove_tree(_hex(chain_id))
+        self._record_path(chain_id).unlink(missing_ok=True)
 
     async def restore(self, chain_ids: Sequence[str]) -> None:
         """Re-expose recorded chains after a restart (parents first), from stored indexes and the cache."""
-        async with self._lock:
-            for chain_id in chain_ids:
-                try:
-                    record = ChainRecord(**json.loads(self._record_path(chain_id).read_text()))
-                    await self._expose(record, allow_download=False, published=None)
-                except (OSError, ValueError, TypeError, LazysnapError) as error:
-                    log.error("remote-snapshot-restored=false chain=%s reason=%s", chain_id, error)
-                else:
-                    log.info("remote-snapshot-restored=true chain=%s", chain_id)
+        for chain_id in chain_ids:
+            try:
+                record = ChainRecord(**json.loads(self._record_path(chain_id).read_text()))
+                await self._expose(record, allow_download=False, published=None)
+            except (OSError, ValueError, TypeError, LazysnapError) as error:
+                log.error("remote-snapshot-restored=false chain=%s reason=%s", chain_id, error)
+            else:
+                log.info("remote-snapshot-restored=true chain=%s", chain_id)
 
     def stats(self) -> list[dict[str, object]]:
         """Per-layer statistics of every exposed layer."""
-        return [layer.stats() for layer in self._layers.values()]
+        return [layer.stats() for layer in self._core.layers]
 
     async def _resolve(self, reference: str, manifest_digest: str, layer_digest: str) -> ResolvedImage:
-        """The image containerd is unpacking, resolved once per reference.
+        """The image containerd is unpacking, resolved once per reference (concurrent asks share one resolve).
 
         A tag can move to another image between two pulls: when the cached image lacks the layer
         asked for, the reference is resolved again rather than falling back to a full download.
@@ -176,11 +180,12 @@ class FuseRemoteLayers(RemoteLayers):
         if manifest_digest and ref.digest is None:
             ref = parse_reference(f"{reference}@{manifest_digest}") if "@" not in reference else ref
         key = str(ref)
-        cached = self._images.get(key)
-        if cached is not None and any(layer.digest == layer_digest for layer in cached.layers):
-            return cached
-        self._images[key] = await self._client.resolve(ref)
-        return self._images[key]
+        async with self._resolving.setdefault(key, trio.Lock()):
+            cached = self._images.get(key)
+            if cached is not None and any(layer.digest == layer_digest for layer in cached.layers):
+                return cached
+            self._images[key] = await self._client.resolve(ref)
+            return self._images[key]
 
     def _published_for(self, image: ResolvedImage) -> PublishedIndexes:
         """The published-index listing of ``image``, shared by its layers (fetched once, not per layer)."""
@@ -189,7 +194,7 @@ class FuseRemoteLayers(RemoteLayers):
         return self._published[image.manifest_digest]
 
     def _record_for(
-        self, image: ResolvedImage, chain_id: str, parent: str, layer_digest: str
+        self, image: ResolvedImage, chain_id: str, parent: str, layer_digest: str, by_digest: bool
     ) -> ChainRecord | str:
         """The chain record of ``layer_digest`` in ``image``, or why it does not fit ``chain_id``."""
         digests = [layer.digest for layer in image.layers]
@@ -213,6 +218,7 @@ class FuseRemoteLayers(RemoteLayers):
             descriptor.size,
             dict(descriptor.annotations),
             image.diff_ids[position],
+            by_digest,
         )
 
     async def _expose(
@@ -221,54 +227,28 @@ class FuseRemoteLayers(RemoteLayers):
         """Open the record's layer and show its chain; raises LazysnapError (and exposes nothing)."""
         if record.parent and record.parent not in self._chains:
             # Never show a chain without its lower layers: containers would see a partial rootfs.
-            raise LazysnapError(f"chain {record.chain_id}: its parent chain {record.parent} is not available")
-        layer = self._layers.get(record.digest)
-        if layer is None:
-            ref = parse_reference(record.reference)
-            resolver = LayerResolver(
-                self._client,
-                ref,
-                self._cache,
-                self._store,
-                published=published,
+            raise FailedPrecondition(
+                f"chain {record.chain_id}: its parent chain {record.parent} is not available"
             )
-            layer = await resolver.open_layer(
-                record.descriptor(), record.diff_id, allow_download=allow_download
-            )
-            self._layers[record.digest] = layer
-            if layer.prefetch_end:
-                self._nursery.start_soon(layer.prefetch_landmark)
-            if self._background_fetch:
-                self._nursery.start_soon(self._fill, layer, record.diff_id)
-        chain = [*self._chains.get(record.parent, []), layer]
-        tree = await trio.to_thread.run_sync(MergedTree.build, [member.index.entries for member in chain])
-        self._operations.add_tree(
-            _hex(record.chain_id), tree, ChainSource(chain, read_timeout=self._read_timeout)
+        request = LayerRequest(
+            record.descriptor(),
+            parse_reference(record.reference),
+            known_diff_id(record.diff_id),
+            published,
+            record.pulled_by_digest,
         )
+        layer = await self._core.open_layer(request, allow_download=allow_download)
+        chain = [*self._chains.get(record.parent, []), layer]
+        tree, source = await self._core.chain(chain)
+        self._operations.add_tree(_hex(record.chain_id), tree, source)
         self._chains[record.chain_id] = chain
-
-    async def _fill(self, layer: Layer, diff_id: str) -> None:
-        """Fetch the rest of a layer in the background and verify it; failures are logged, not raised."""
-        digest = layer.descriptor.digest
-        try:
-            # Let the container's start-up reads go first.
-            await trio.sleep(self._background_delay)
-            await layer.blob.fill()
-            await verify_layer(layer, diff_id)
-        except Exception as error:
-            # Anything, not only LazysnapError: this task shares the nursery of the FUSE main
-            # loop, so an escaping exception would take the whole daemon down. On-demand reads
-            # still work (or fail alone) after a failed fill.
-            log.warning("background-fetch-failed layer=%s error=%s: %s", digest, type(error).__name__, error)
-        else:
-            log.info("background-fetch-complete layer=%s", digest)
 
     def _record_path(self, chain_id: str) -> Path:
         return self._records_dir / f"{_hex(chain_id)}.json"
 
     def _write_record(self, record: ChainRecord) -> None:
         path = self._record_path(record.chain_id)
-        temporary = path.with_suffix(".tmp")
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(asdict(record)))
         temporary.replace(path)
 
@@ -277,7 +257,7 @@ def _hex(chain_id: str) -> str:
     try:
         return sha256_hex(chain_id)
     except ValueError:
-        raise LazysnapError(f"not a sha256 chain id: {chain_id!r}") from None
+        raise InvalidArgument(f"not a sha256 chain id: {chain_id!r}") from None
 
 
 @asynccontextmanager
@@ -307,22 +287,19 @@ async def fuse_remote_layers(config: Config) -> AsyncIterator[RemoteLayers | Non
             ),
         ) as client:
             operations = ReadOnlyOperations(timeout=config.fuse.entry_timeout_seconds)
+            settings = ServeSettings(
+                read_timeout=config.fuse.read_timeout_seconds,
+                background_fetch=config.background_fetch.enabled,
+                background_delay=config.background_fetch.delay_seconds,
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(run_filesystem, operations, str(mount_dir))
+                core = ChainCore(client, cache, store, nursery, settings)
+                core.allow_fills()  # each layer waits background_delay after it is shown instead
                 try:
-                    yield FuseRemoteLayers(
-                        root,
-                        mount_dir,
-                        client,
-                        cache,
-                        store,
-                        operations,
-                        nursery,
-                        background_fetch=config.background_fetch.enabled,
-                        background_delay=config.background_fetch.delay_seconds,
-                        read_timeout=config.fuse.read_timeout_seconds,
-                    )
+                    yield FuseRemoteLayers(root, mount_dir, core, client, operations)
                 finally:
                     nursery.cancel_scope.cancel()  # unmounts the forest and stops background fills
+                    core.close()
     finally:
         cache.close()

@@ -12,11 +12,12 @@ import trio
 import trio.testing
 
 from fusefs.merged_tree import MergedTree
+from fusefs.prefetch import TreeTasks
 from fusefs.prefetch.imports import ImportPrefetcher, ModuleFile, module_file
 from fusefs.prefetch.python_imports import ImportStatement
 from index.model import Entry
 from index.model import EntryType as T
-from tests.fusefs.test_library_prefetch import PrefetchRecordingSource
+from tests.fusefs.test_library_prefetch import PrefetchRecordingSource, tree_tasks
 
 STDLIB = "usr/lib/python3.11"
 TAG = "cpython-311"
@@ -66,7 +67,7 @@ def python_tree() -> MergedTree:
 
 
 def resolved(importer: ModuleFile, *statements: ImportStatement) -> list[str]:
-    prefetcher = ImportPrefetcher(python_tree(), PrefetchRecordingSource({}))
+    prefetcher = ImportPrefetcher(python_tree(), PrefetchRecordingSource({}), TreeTasks())
     return [node.entry.path for node, _ in prefetcher.resolve(importer, list(statements))]
 
 
@@ -171,9 +172,10 @@ def test_import_json_prefetches_every_module_python_loads_for_it_and_nothing_it_
     assert node is not None
 
     async def main() -> None:
-        prefetcher = ImportPrefetcher(tree, source)
-        prefetcher.note_read(node, 0, source.data[0, first])
-        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        async with tree_tasks() as tasks:
+            prefetcher = ImportPrefetcher(tree, source, tasks)
+            prefetcher.note_read(node, 0, source.data[0, first])
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
 
     trio.run(main)
     fetched = {path for _, path, _, _ in source.reads} | set(source.prefetched)
@@ -210,10 +212,13 @@ def test_starting_the_interpreter_prefetches_the_modules_it_imports_by_itself() 
     tag = sys.implementation.cache_tag
 
     async def main() -> None:
-        prefetcher = ImportPrefetcher(tree, source)
-        x86_64_header = b"\x7fELF\x02\x01\x01" + bytes(11) + (62).to_bytes(2, "little")  # e_machine EM_X86_64
-        prefetcher.note_read(node, 0, x86_64_header + bytes(44))
-        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        async with tree_tasks() as tasks:
+            prefetcher = ImportPrefetcher(tree, source, tasks)
+            x86_64_header = (
+                b"\x7fELF\x02\x01\x01" + bytes(11) + (62).to_bytes(2, "little")
+            )  # e_machine EM_X86_64
+            prefetcher.note_read(node, 0, x86_64_header + bytes(44))
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
 
     trio.run(main)
     fetched = {path for _, path, _, _ in source.reads}
@@ -236,12 +241,13 @@ def test_a_python_process_opening_a_file_gets_its_command_line_imports_prefetche
         assert node is not None
 
         async def main() -> None:
-            prefetcher = ImportPrefetcher(tree, source)
-            deadline = trio.current_time() + 10
-            while not source.reads and trio.current_time() < deadline:
-                prefetcher.note_open(node, process.pid)  # until the child has become python
-                await trio.sleep(0.01)
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            async with tree_tasks() as tasks:
+                prefetcher = ImportPrefetcher(tree, source, tasks)
+                deadline = trio.current_time() + 10
+                while not source.reads and trio.current_time() < deadline:
+                    prefetcher.note_open(node, process.pid)  # until the child has become python
+                    await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
 
         trio.run(main)
     finally:
@@ -268,11 +274,12 @@ def test_a_source_file_read_by_something_else_than_python_prefetches_nothing() -
         source = PrefetchRecordingSource({(0, path): data for path, data in files.items()})
 
         async def main() -> None:
-            prefetcher = ImportPrefetcher(tree, source)
-            if opener is not None:
-                prefetcher.note_open(main_node, opener)
-            prefetcher.note_read(main_node, 0, files["app/main.py"])
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            async with tree_tasks() as tasks:
+                prefetcher = ImportPrefetcher(tree, source, tasks)
+                if opener is not None:
+                    prefetcher.note_open(main_node, opener)
+                prefetcher.note_read(main_node, 0, files["app/main.py"])
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
 
         trio.run(main)
         return {path for _, path, _, _ in source.reads}

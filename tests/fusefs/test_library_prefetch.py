@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -11,6 +13,7 @@ import trio.testing
 
 from fusefs.merged_tree import MergedTree
 from fusefs.operations import ReadOnlyOperations
+from fusefs.prefetch import TreeTasks
 from fusefs.prefetch.elf_deps import ElfDeps, read_elf_deps
 from fusefs.prefetch.libraries import WHOLE_FILE_THRESHOLD, LibraryPrefetcher
 from index.model import Entry
@@ -38,6 +41,16 @@ class PrefetchRecordingSource(MemorySource):
         """Record the prefetch; the bytes are in memory already."""
         await trio.sleep(0)
         self.prefetched.append(entry.path)
+
+
+@asynccontextmanager
+async def tree_tasks() -> AsyncIterator[TreeTasks]:
+    """A tree's task group bound to a nursery that ends with the block, cancelling what is left."""
+    async with trio.open_nursery() as nursery:
+        tasks = TreeTasks()
+        tasks.bind(nursery)
+        yield tasks
+        nursery.cancel_scope.cancel()
 
 
 def merged_usr_image() -> tuple[MergedTree, PrefetchRecordingSource]:
@@ -122,16 +135,17 @@ def test_the_first_read_of_a_large_executable_fetches_all_of_it_at_once() -> Non
     source = PrefetchRecordingSource({})
 
     async def main() -> None:
-        prefetcher = LibraryPrefetcher(tree, source)
-        for path in ("prog", "tiny", "data"):
-            node = tree.resolve(path)
-            assert node is not None
-            prefetcher.before_read(node, 0)
-            prefetcher.before_read(node, 0)  # a second first read: nothing more
-        prog = tree.resolve("prog")
-        assert prog is not None
-        prefetcher.before_read(prog, 4096)
-        await trio.testing.wait_all_tasks_blocked()
+        async with tree_tasks() as tasks:
+            prefetcher = LibraryPrefetcher(tree, source, tasks)
+            for path in ("prog", "tiny", "data"):
+                node = tree.resolve(path)
+                assert node is not None
+                prefetcher.before_read(node, 0)
+                prefetcher.before_read(node, 0)  # a second first read: nothing more
+            prog = tree.resolve("prog")
+            assert prog is not None
+            prefetcher.before_read(prog, 4096)
+            await trio.testing.wait_all_tasks_blocked()
 
     trio.run(main)
     assert source.prefetched == ["prog"]

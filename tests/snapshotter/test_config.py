@@ -65,3 +65,28 @@ def test_missing_file(tmp_path: Path) -> None:
     """A config path that can't be read is a ConfigError."""
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.toml")
+
+
+def config_keys(section: object = None, prefix: str = "") -> list[str]:
+    """Every key of the config, dotted ("fetch.retries")."""
+    import dataclasses
+
+    keys: list[str] = []
+    for f in dataclasses.fields(section or Config()):  # type: ignore[arg-type]
+        value = getattr(section or Config(), f.name)
+        if dataclasses.is_dataclass(value):
+            keys += config_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_docs_list_every_key() -> None:
+    """docs/config.md has a row for every key, under its section's heading."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    for key in config_keys():
+        section, _, name = key.rpartition(".")
+        heading = f"## `[{section}]`" if section else "## Top level"
+        assert heading in docs, heading
+        body = docs.split(heading, 1)[1].split("\n## ", 1)[0]
+        assert f"| `{name}`" in body, key

@@ -42,7 +42,7 @@ class TestWriteBehind:
         store = WriteBehindIndexStore(tmp_path)
         store.put(sample_index())
 
-        def full(self: IndexStore, index: LayerIndex) -> None:
+        def full(self: IndexStore, index: LayerIndex, scope: str = "") -> None:
             raise OSError(28, "No space left on device")
 
         with monkeypatch.context() as patch:
@@ -52,3 +52,25 @@ class TestWriteBehind:
         assert IndexStore(tmp_path).get(DIGEST) is None
         store.flush()
         assert IndexStore(tmp_path).get(DIGEST) == sample_index()
+
+
+class TestProvenance:
+    """Indexes are kept by where they came from: a scoped index is never served as a trusted one."""
+
+    def test_a_scoped_index_is_invisible_to_other_scopes(self, tmp_path: Path) -> None:
+        """An index stored for one repository is found only there, not as trusted nor for another repository."""
+        store = IndexStore(tmp_path)
+        store.put(sample_index(), "repo:attacker/images")
+        assert store.get(DIGEST, "repo:attacker/images") is not None
+        assert store.get(DIGEST) is None
+        assert store.get(DIGEST, "repo:victim/images") is None
+
+    def test_dropping_an_index_removes_only_that_scope(self, tmp_path: Path) -> None:
+        """drop() forgets one provenance's index and leaves the trusted one alone."""
+        store = WriteBehindIndexStore(tmp_path)
+        store.put(sample_index())
+        store.put(sample_index(), "toc:sha256:" + "1" * 64)
+        store.flush()
+        store.drop(DIGEST, "toc:sha256:" + "1" * 64)
+        assert store.get(DIGEST, "toc:sha256:" + "1" * 64) is None
+        assert store.get(DIGEST) is not None

@@ -12,7 +12,13 @@ from snapshotter.cache.blob_cache import BlobCache
 from snapshotter.cache.index_store import IndexStore
 from snapshotter.devtools.image_builder import Layer, file, push_image
 from snapshotter.layers.published import PublishedIndexes
-from snapshotter.layers.sources import HOW_ESTARGZ, UNDECLARED_TAIL_PROBE, LayerResolver
+from snapshotter.layers.sources import (
+    HOW_DOWNLOADED,
+    HOW_ESTARGZ,
+    UNDECLARED_TAIL_PROBE,
+    LayerResolver,
+    SourceSettings,
+)
 from snapshotter.remote.client import Descriptor, RegistryClient
 from tests.support.estargz_writer import build_estargz
 from tests.support.registry import TestRegistry
@@ -65,13 +71,22 @@ class CountingPublishedIndexes(PublishedIndexes):
 async def test_a_layer_declaring_its_toc_is_opened_without_looking_for_published_indexes(
     registry: TestRegistry, registry_client: RegistryClient, tmp_path: Path
 ) -> None:
-    """With the toc.digest annotation: no published-index lookup, and one registry request (the tail)."""
+    """With the toc.digest annotation: no published-index lookup, and one registry request (the tail).
+
+    Without it the TOC is pinned by nothing: by default the layer is downloaded and indexed (after
+    looking for a published index), and served from its TOC only with ``allow_unpinned_toc``.
+    """
     written = build_estargz([*HOT, *COLD], prefetch_count=None)
     declared = Layer(
         written.tar, written.blob, "gzip", annotations={TOC_DIGEST_ANNOTATION: written.toc_digest}
     )
     undeclared = Layer(written.tar, written.blob, "gzip")
-    for name, layer, lookups in (("declared", declared, 0), ("undeclared", undeclared, 1)):
+    cases = (
+        ("declared", declared, 0, SourceSettings(), HOW_ESTARGZ),
+        ("undeclared", undeclared, 1, SourceSettings(), HOW_DOWNLOADED),
+        ("allowed", undeclared, 1, SourceSettings(allow_unpinned_toc=True), HOW_ESTARGZ),
+    )
+    for name, layer, lookups, settings, how in cases:
         pushed = await push_image(registry_client, registry.ref(name), [layer])
         image = await registry_client.resolve(pushed.reference)
         published = CountingPublishedIndexes(registry_client, image)
@@ -81,10 +96,11 @@ async def test_a_layer_declaring_its_toc_is_opened_without_looking_for_published
             BlobCache(tmp_path / name / "cache"),
             IndexStore(tmp_path / name / "idx"),
             published=published,
+            settings=settings,
         )
         mark = registry.registry.mark()
         opened = await resolver.open_layer(image.layers[0], image.diff_ids[0])
-        assert opened.how == HOW_ESTARGZ
+        assert opened.how == how, name
         assert published.lookups == lookups, name
         if lookups == 0:
             assert [r.method for r in registry.registry.requests_since(mark)] == ["GET"]
@@ -124,15 +140,23 @@ async def test_a_cold_read_brings_its_directory_neighbours_and_a_warm_read_waits
 async def test_a_plain_gzip_layer_costs_only_a_small_footer_probe_before_its_download(
     registry: TestRegistry, registry_client: RegistryClient, tmp_path: Path
 ) -> None:
-    """Without the TOC annotation, the look for an eStargz footer reads a few KiB, not a speculative 1/128 of the blob."""
+    """Without the TOC annotation, the look for an eStargz footer (only with allow_unpinned_toc) reads a few KiB, not a speculative 1/128 of the blob."""
     written = build_estargz([*HOT, *COLD], prefetch_count=None)
     plain = Layer(written.tar, gzip.compress(written.tar, 6), "gzip")
     pushed = await push_image(registry_client, registry.ref("plain-gzip"), [plain])
-    resolver = LayerResolver(
-        registry_client, pushed.reference, BlobCache(tmp_path / "cache"), IndexStore(tmp_path / "idx")
-    )
-    before = registry_client.bytes_fetched
-    opened = await resolver.open_layer(pushed.layers[0], pushed.diff_ids[0])
-    assert opened.how != HOW_ESTARGZ
     size = len(plain.blob)
-    assert registry_client.bytes_fetched - before <= size + UNDECLARED_TAIL_PROBE  # the download + the probe
+    for name, settings, probe in (
+        ("default", SourceSettings(), 0),
+        ("allowed", SourceSettings(allow_unpinned_toc=True), UNDECLARED_TAIL_PROBE),
+    ):
+        resolver = LayerResolver(
+            registry_client,
+            pushed.reference,
+            BlobCache(tmp_path / name / "cache"),
+            IndexStore(tmp_path / name / "idx"),
+            settings=settings,
+        )
+        before = registry_client.bytes_fetched
+        opened = await resolver.open_layer(pushed.layers[0], pushed.diff_ids[0])
+        assert opened.how == HOW_DOWNLOADED
+        assert registry_client.bytes_fetched - before <= size + probe  # the download (+ the probe)

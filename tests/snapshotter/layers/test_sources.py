@@ -17,8 +17,8 @@ from snapshotter.layers.sources import (
     HOW_STORED,
     LayerResolver,
     NotServedLazily,
-    verify_layer,
 )
+from snapshotter.layers.verify import verify_layer
 from snapshotter.remote.client import RegistryClient
 from tests.support.image_builder import directory, file, make_layer, push_image
 from tests.support.registry import TestRegistry
