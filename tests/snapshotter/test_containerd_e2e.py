@@ -294,17 +294,14 @@ def test_unreachable_registry_gives_eio_not_a_hang(private_registry: LocalRegist
             top_chain = next(key for key in stack.snapshot_keys() if key.startswith("sha256:"))
             stack.snapshots("prepare", "probe-unreachable", top_chain)
             assert "overlay" in stack.snapshots("mounts", "/mnt", "probe-unreachable", timeout=10).stdout
-            started = time.monotonic()
             command = "cat /etc/lower.txt; cat /data/big.bin > /dev/null || echo read-failed"
             result = stack.run(image.ref, "cold", "sh", "-c", command, check=False, timeout=120)
-            elapsed = time.monotonic() - started
         assert result.stdout == LOWER_TEXT + "read-failed\n", result
         assert "Input/output error" in result.stderr, result
-        print(f"{outage}: the read failed with EIO after {elapsed:.1f} s")
-        assert elapsed < 60
-        if outage == "silent":
-            # The registry client alone would wait 3 attempts x 3 s; the FUSE read deadline cut it.
-            assert "not read within 4.0 s" in stack.log(), stack.log()
+        # What bounded the wait, by design: the retry count when connections are refused; the FUSE
+        # read deadline when they hang (the registry client alone would wait 3 attempts x 3 s).
+        bound = "failed after 3 attempt(s)" if outage == "refused" else "not read within 4.0 s"
+        assert bound in stack.log(), stack.log()
 
 
 def test_retagged_image_is_resolved_again(stack: LazysnapStack, registry: TestRegistry) -> None:
