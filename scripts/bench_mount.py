@@ -14,7 +14,7 @@ Measured (each cold: lazysnap root removed, page cache dropped, lazysnap's code 
 Images come from ``scripts/build_bench_images.py`` (run it first; its registry storage is reused
 here with a registry of our own on a free port, whose log gives the bytes sent). The 256 MiB
 image is built and pushed here on first use. Prints a table with ratios against the baselines
-measured in the same run and writes JSON (``--out``).
+measured in the same run and writes JSON (``bench_mount.json``) to the ``--out`` directory.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from scripts.bench_output import add_out_argument, out_dir, write_json  # noqa: E402
 from snapshotter.devtools.bench.runner import (  # noqa: E402
     LAZYSNAP,
     drop_caches,
@@ -313,11 +314,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--registry-root", type=Path, default=DEFAULT_CACHE / "registry")
-    parser.add_argument("--out", type=Path, default=Path("bench_mount.json"))
+    add_out_argument(parser)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_mount: run as root (mounts, chroot, drop_caches)", file=sys.stderr)
         return 2
+    out = out_dir(args.out, "bench_mount")
     scratch = Path(tempfile.mkdtemp(prefix="bench-mount-", dir="/var/tmp"))
     try:
         with LocalRegistry(args.registry_root) as registry:
@@ -349,9 +351,9 @@ def main() -> int:
         "workload": WORKLOAD,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.out.write_text(json.dumps({"setup": setup, "results": bench.results}, indent=2) + "\n")
+    written = write_json(out, "bench_mount.json", {"setup": setup, "results": bench.results})
     console.print(report(bench.results))
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {written}")
     return 0
 
 

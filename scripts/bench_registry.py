@@ -7,15 +7,14 @@ Starts docker-registry on a free 127.0.0.1 port, pushes one large random blob, t
     (a trio nursery, a semaphore, one pooled client).
 Prints a table (requests/s, MB/s, latency percentiles, ratio of MB/s to the baseline, bytes the
 registry sent according to its log, CPU ms per request of the client and of the registry) and
-writes the same numbers as JSON with --out. Client and registry share this machine's cores.
+writes the same numbers as JSON (bench_registry.json) to the --out directory. Client and registry share this machine's cores.
 
-    .venv/bin/python scripts/bench_registry.py --size-mb 192 --out bench_registry.json
+    .venv/bin/python scripts/bench_registry.py --size-mb 192 --out /tmp/bench-results
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -30,6 +29,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts.bench_output import add_out_argument, out_dir, write_json
 from snapshotter.devtools.local_registry import LocalRegistry
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.reference import Reference
@@ -190,8 +190,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-connections", type=int, default=32, help="client connection pool size")
     parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--out", type=Path, help="write JSON results here")
+    add_out_argument(parser)
     args = parser.parse_args()
+    out = out_dir(args.out, "bench_registry")
 
     with LocalRegistry() as registry:
         results, setup = trio.run(_run, args, registry)
@@ -201,19 +202,17 @@ def main() -> int:
         f"{setup['cpus']} CPUs, Python {setup['python']}"
     )
     print(_table(results))
-    if args.out:
-        baseline = results[0].mb_per_s
-        rows = [
-            {
-                **asdict(r),
-                "req_per_s": r.req_per_s,
-                "mb_per_s": r.mb_per_s,
-                "ratio_vs_baseline": r.mb_per_s / baseline,
-            }
-            for r in results
-        ]
-        args.out.write_text(json.dumps({"setup": setup, "results": rows}, indent=2) + "\n")
-        print(f"JSON written to {args.out}")
+    baseline = results[0].mb_per_s
+    rows = [
+        {
+            **asdict(r),
+            "req_per_s": r.req_per_s,
+            "mb_per_s": r.mb_per_s,
+            "ratio_vs_baseline": r.mb_per_s / baseline,
+        }
+        for r in results
+    ]
+    print(f"JSON written to {write_json(out, 'bench_registry.json', {'setup': setup, 'results': rows})}")
     return 0
 
 

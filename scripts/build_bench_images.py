@@ -17,6 +17,8 @@ so a rerun takes seconds. Without ``--registry HOST:PORT`` a docker-registry is 
 ``--registry-root`` (persistent, default CACHE/registry); ``--serve`` keeps it running afterwards::
 
     sudo .venv/bin/python scripts/build_bench_images.py --serve --port 5000
+
+The references it pushed are listed in ``images.json`` in the ``--out`` directory.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from scripts.bench_output import add_out_argument, out_dir, write_json  # noqa: E402
 from snapshotter.devtools.containerd_env import Containerd, containerd_available  # noqa: E402
 from snapshotter.devtools.image_builder import make_layer, push_image  # noqa: E402
 from snapshotter.devtools.local_registry import LocalRegistry  # noqa: E402
@@ -217,10 +220,12 @@ def main() -> int:
         default=256 << 10,
         help="gzip seek-point spacing of NAME:indexed's published index (smaller: less fetched per cold read)",
     )
+    add_out_argument(parser)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("build_bench_images: run as root (debootstrap, containerd)", file=sys.stderr)
         return 2
+    out = out_dir(args.out, "build_bench_images")
     names = ["python", "python-large"] if args.large else ["python"]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the finally blocks: registry, containerd
     with registry_for(args) as host:
@@ -233,8 +238,11 @@ def main() -> int:
             if args.optimized:
                 push_estargz_optimized(host, name, ["/usr/bin/python3", "-c", "import json"])
             push_index_artifact(host, name, args.index_spacing)
-        for name in names:
-            print(f"  {host}/{name}:gzip  {host}/{name}:estargz  {host}/{name}:indexed")
+        tags = ["gzip", "estargz", "indexed"] + (["estargz-opt"] if args.optimized else [])
+        pushed = {name: [f"{host}/{name}:{tag}" for tag in tags] for name in names}
+        for refs in pushed.values():
+            print("  " + "  ".join(refs))
+        print(f"wrote {write_json(out, 'images.json', {'registry': host, 'images': pushed})}")
         if args.serve and not args.registry:
             log("serving; Ctrl-C to stop")
             with contextlib.suppress(KeyboardInterrupt):

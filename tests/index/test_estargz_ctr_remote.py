@@ -25,6 +25,7 @@ import pytest
 from index.estargz import TOC_DIGEST_ANNOTATION, read_estargz
 from index.model import EntryType, LayerFormat
 from snapshotter.remote.client import RegistryClient
+from tests.support.containerd import run_shell
 from tests.support.image_builder import (
     DEFAULT_MTIME,
     Layer,
@@ -141,10 +142,8 @@ async def test_ctr_remote_converted_layer(
         assert got == data, path
 
     # The converted image is still an ordinary image: containerd unpacks and runs it.
-    run = containerd.ctr(
-        "run", "--rm", target, "esgz-run", "/bin/sh", "-c", "read l < /app/nested/deep/file; echo $l"
-    )
-    assert run.stdout == "deep\n"
+    output = run_shell(containerd, target, "esgz-run", "read l < /app/nested/deep/file; echo $l")
+    assert output == "deep\n"
 
 
 @pytest.mark.parametrize("crash", [False, True], ids=["running", "after-crash"])

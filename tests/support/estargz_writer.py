@@ -4,8 +4,8 @@ Entries are the shared ``tests.support.image_builder.TarEntry`` (``file(...)``,
 ``directory(...)``, ``symlink(...)`` ...), so one entry list can become a gzip layer with
 ``make_layer`` or an eStargz blob with ``build_estargz``.
 
-Written from the format description (stargz-snapshotter docs/estargz.md, summarized in
-``shared/notes/anchors.md`` section 4.3), not from ``index/estargz.py``, so a reader test
+Written from the format description (stargz-snapshotter's docs/estargz.md, "TOC, TOCEntries
+and Footer"), not from ``index/estargz.py``, so a reader test
 that uses this writer checks the reader against the format rather than against itself.
 
 Layout written::

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -15,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.conformance_harness import HarnessUnavailable, harness_binary, run_suite
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
-SUMMARY = re.compile(r"conformance: (\d+) passed, (\d+) failed, (\d+) skipped")
 
 
 def lazysnap_command() -> list[str]:
@@ -64,53 +64,57 @@ def lazysnap_serve(root: Path, address: Path) -> Iterator[subprocess.Popen[bytes
                 process.wait()
 
 
-def conformance_dir() -> Path:
-    """Find the harness: $LAZYSNAP_CONFORMANCE_DIR, ../shared/conformance, /work/shared/conformance."""
-    candidates = [REPO_ROOT.parent / "shared" / "conformance", Path("/work/shared/conformance")]
-    if os.environ.get("LAZYSNAP_CONFORMANCE_DIR"):
-        candidates.insert(0, Path(os.environ["LAZYSNAP_CONFORMANCE_DIR"]))
-    for candidate in candidates:
-        if (candidate / "run.sh").exists():
-            return candidate
-    pytest.fail(
-        "containerd's snapshotter conformance harness was not found (looked in "
-        + ", ".join(map(str, candidates))
-        + "); set LAZYSNAP_CONFORMANCE_DIR to the directory holding run.sh and build.sh"
+# containerd 1.6's SnapshotterSuite, subtest by subtest. "Rename" calls t.Skip unconditionally upstream
+# (snapshots/testsuite/issues.go: "rename test still fails on some kernels with overlay"); every
+# other subtest must pass. The names are the suite's own, typos included.
+EXPECTED_OUTCOMES = {
+    name: "PASS"
+    for name in (
+        "Basic",
+        "StatActive",
+        "StatComitted",
+        "TransitivityTest",
+        "PreareViewFailingtest",
+        "Update",
+        "Remove",
+        "Walk",
+        "LayerFileupdate",
+        "RemoveDirectoryInLowerLayer",
+        "Chown",
+        "DirectoryPermissionOnCommit",
+        "RemoveIntermediateSnapshot",
+        "DeletedFilesInChildSnapshot",
+        "MoveFileFromLowerLayer",
+        "ViewReadonly",
+        "StatInWalk",
+        "CloseTwice",
+        "RootPermission",
+        "128LayersMount",
     )
+} | {"Rename": "SKIP"}
+RENAME_SKIP_REASON = "rename test still fails on some kernels with overlay"
 
 
-def ensure_built(harness: Path) -> None:
-    """Build the conformance binary with the harness's build.sh if it is not there yet (~20 s)."""
-    out = Path(
-        os.environ.get("CONFORMANCE_OUT")
-        or Path(os.environ.get("TMPDIR", "/tmp")) / "snapshotter-conformance"
-    )
-    if (out / "conformance.test").exists():
-        return
-    build = subprocess.run(
-        ["bash", str(harness / "build.sh")], cwd=harness, capture_output=True, text=True, timeout=600
-    )
-    if build.returncode != 0:
-        pytest.fail(f"building the conformance suite failed:\n{build.stdout}\n{build.stderr}")
+@pytest.fixture(scope="module")
+def harness() -> Path:
+    """The conformance harness binary, built from tests/conformance if the cache lacks it."""
+    try:
+        return harness_binary()
+    except HarnessUnavailable as missing:
+        # Not a skip: a machine set up by scripts/setup.sh has Go and containerd's sources.
+        pytest.fail(f"containerd's conformance suite cannot run: {missing}", pytrace=False)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the suite mounts snapshots: needs root")
-def test_containerd_conformance_suite(tmp_path: Path) -> None:
-    """containerd's SnapshotterSuite passes against lazysnap serve: 20 passed, 0 failed, 1 skipped."""
-    harness = conformance_dir()
-    ensure_built(harness)
+def test_containerd_conformance_suite(harness: Path, tmp_path: Path) -> None:
+    """containerd's SnapshotterSuite, through containerd's proxy client, passes every subtest but the skipped Rename."""
     address = tmp_path / "lazysnap.sock"
     with lazysnap_serve(tmp_path / "root", address):
-        run = subprocess.run(
-            ["bash", str(harness / "run.sh"), "-l", str(tmp_path / "conformance.log"), str(address)],
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-    report = f"run.sh exit {run.returncode}\n{run.stdout}\n{run.stderr}"
-    match = SUMMARY.search(run.stdout)
-    assert match, f"no summary line from run.sh:\n{report}"
-    passed, failed, skipped = map(int, match.groups())
-    assert (passed, failed, skipped) == (20, 0, 1), report
+        run = run_suite(harness, address, tmp_path / "suite")
+    report = f"harness exit {run.returncode}:\n{run.output[-20000:]}"
+    assert run.outcomes == EXPECTED_OUTCOMES, report
+    assert RENAME_SKIP_REASON in run.output, report
     assert run.returncode == 0, report
+    # Each subtest removed what it created, so the server is empty again.
+    assert run.snapshots_left == 0, report
