@@ -32,6 +32,10 @@ from snapshotter.remote.reference import Reference
 log = logging.getLogger(__name__)
 
 DiffId = Callable[[], Awaitable[str]]
+# The deadline of a read of a layer whose last read timed out (see ChainSource.read): long enough
+# for a recovered registry to answer a span, short enough that the kernel's retries of a failed
+# read add little to the first timeout.
+DEGRADED_READ_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -94,15 +98,23 @@ class ChainSource:
 
         Raises:
             IntegrityError, FetchError: as the layer's reader raises them (FUSE answers EIO).
-            FetchTimeout: the read needed longer than ``read_timeout`` however retries went.
+            FetchTimeout: the read needed longer than its deadline however retries went.
         """
+        served = self.layers[layer]
         if self.read_timeout is None:
-            return await self.layers[layer].read(entry, offset, length)
-        with trio.move_on_after(self.read_timeout):
-            return await self.layers[layer].read(entry, offset, length)
+            return await served.read(entry, offset, length)
+        # After a read of a layer timed out, the kernel retries it at once (a failed read-ahead is
+        # followed by the synchronous read of the same pages): until a read of that layer succeeds
+        # again its reads get a short deadline, so one outage costs one timeout, not one per retry.
+        timeout = min(self.read_timeout, DEGRADED_READ_SECONDS) if served.degraded else self.read_timeout
+        with trio.move_on_after(timeout):
+            data = await served.read(entry, offset, length)
+            served.degraded = False
+            return data
+        served.degraded = True
         raise FetchTimeout(
-            f"{entry.path} in layer {self.layers[layer].descriptor.digest}: bytes {offset}-{offset + length} "
-            f"not read within {self.read_timeout} s; the registry may be unreachable"
+            f"{entry.path} in layer {served.descriptor.digest}: bytes {offset}-{offset + length} "
+            f"not read within {timeout} s; the registry may be unreachable"
         )
 
     def close(self) -> None:

@@ -77,6 +77,8 @@ class Layer:
     # bytes or the mapping it served can no longer be trusted.
     failed: str = ""
     background_error: str = ""
+    # The last read timed out (ChainSource.read then gives this layer's reads a short deadline).
+    degraded: bool = False
     # Closes what the layer holds open besides its blob (a local tar's descriptor).
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
