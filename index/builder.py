@@ -170,6 +170,8 @@ class LayerIndexBuilder:
         fmt: how the blob is encoded; ESTARGZ blobs are indexed as the gzip streams they are.
         digest: the expected ``sha256:...`` of the blob; checked by ``finish``.
         gzip_spacing: uncompressed bytes between gzip checkpoints (each costs a 32 KiB window).
+        max_uncompressed: the largest tar a compressed blob may inflate to (None: no bound);
+            beyond it ``feed`` raises LayerFormatError.
         span_size: compressed bytes per verified span.
     """
 
@@ -181,9 +183,13 @@ class LayerIndexBuilder:
         digest: str | None = None,
         gzip_spacing: int = 1 << 20,
         span_size: int = 64 << 10,
+        max_uncompressed: int | None = None,
     ) -> None:
         if gzip_spacing <= 0 or span_size <= 0:
             raise ValueError("gzip_spacing and span_size must be positive")
+        # A gzip or zstd bomb (a small blob inflating to terabytes) stops here, not on a full disk.
+        self._max_uncompressed = max_uncompressed
+        self._uncompressed = 0
         self._media_type = media_type
         self._format = LayerFormat.GZIP if fmt is LayerFormat.ESTARGZ else fmt
         self._expected = digest
@@ -211,6 +217,12 @@ class LayerIndexBuilder:
         return _PlainTar()
 
     def _on_output(self, data: bytes) -> None:
+        self._uncompressed += len(data)
+        if self._max_uncompressed is not None and self._uncompressed > self._max_uncompressed:
+            raise LayerFormatError(
+                f"layer {self._name}: its tar grows past {self._max_uncompressed} bytes uncompressed "
+                "(a decompression bomb?); raise [layers] max_uncompressed_bytes if the layer is genuine"
+            )
         self._hasher.add(False, data)
 
     def feed(self, data: bytes) -> None:

@@ -89,6 +89,8 @@ class SourceSettings:
     allow_unpinned_toc: bool = False
     # A pull by digest uses indexes found through a tag only if set.
     trust_tag_indexes_for_digest_pulls: bool = False
+    # A layer whose tar inflates past this is refused (a gzip or zstd bomb), as it streams.
+    max_uncompressed_bytes: int = 64 << 30
 
 
 def toc_scope(toc_digest: str) -> str:
@@ -378,6 +380,7 @@ class LayerResolver:
             digest=descriptor.digest,
             gzip_spacing=self._settings.gzip_spacing,
             span_size=SPAN_SIZE,
+            max_uncompressed=self._settings.max_uncompressed_bytes,
         )
         offset = 0
         try:

@@ -8,6 +8,7 @@ import hashlib
 import threading
 
 import pytest
+import zstandard
 
 from index.builder import LayerIndexBuilder, build_index
 from index.errors import DigestMismatch, LayerFormatError, TruncatedLayer, UnsafePath
@@ -125,3 +126,18 @@ def test_last_checkpoints_get_trimmed_windows() -> None:
     index = build_index("m", LayerFormat.GZIP, [blob], gzip_spacing=32 << 10)
     windowed = [p for p in index.seek_points if p.window]
     assert windowed and all(p.window.count(0) > len(p.window) // 4 for p in windowed[-3:])
+
+
+@pytest.mark.parametrize("compress", ["gzip", "zstd"])
+def test_a_decompression_bomb_is_refused_as_it_streams(compress: str) -> None:
+    """A small blob inflating past max_uncompressed fails with a LayerFormatError naming the bound."""
+    tar = make_tar([file_info("zeros", bytes(8 << 20))])
+    blob = gzip.compress(tar, 9) if compress == "gzip" else zstandard.ZstdCompressor().compress(tar)
+    fmt = LayerFormat.GZIP if compress == "gzip" else LayerFormat.ZSTD
+    builder = LayerIndexBuilder(
+        "application/vnd.oci.image.layer.v1.tar+" + compress, fmt, max_uncompressed=1 << 20
+    )
+    with pytest.raises(LayerFormatError, match="decompression bomb"):
+        for offset in range(0, len(blob), 4096):
+            builder.feed(blob[offset : offset + 4096])
+        builder.finish()
