@@ -33,6 +33,7 @@ from index.uncompressed import open_tar_stream
 from snapshotter.cache.blob_cache import MIN_FETCH_BYTES, BlobCache, CachedBlob
 from snapshotter.cache.index_store import IndexStore
 from snapshotter.errors import FetchTimeout
+from snapshotter.errors import NotServedLazily as NotServedLazily  # re-exported: it was defined here
 from snapshotter.layers.published import PublishedIndexes
 from snapshotter.remote.client import Descriptor, RegistryClient
 from snapshotter.remote.media_types import layer_format
@@ -63,10 +64,6 @@ PREFETCH_PIECE = 512 << 10
 PREFETCH_FILE_MAX_BYTES = 16 << 20
 
 Progress = Callable[[str, int, int], None]
-
-
-class NotServedLazily(LazysnapError):
-    """The layer has no index to be served from without downloading it whole first."""
 
 
 @dataclass
