@@ -258,10 +258,12 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
     source = str(path or "<defaults>")
     config: Config = _build(Config, data, source, "")
+    _validate(config, source, "")  # the file as written: a flag must not hide a mistake in it
     given = {key: value for key, value in overrides.items() if value is not None}
     for key, value in given.items():
         config = _override(config, key.split("."), value, "")
-    _validate(config, f"{source} with command-line flags" if given else source, "")
+    if given:
+        _validate(config, f"{source} with command-line flags", "")
     return config
 
 
