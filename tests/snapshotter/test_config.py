@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,3 +208,29 @@ async def test_open_registry_client_follows_the_config(tmp_path: Path) -> None:
     everywhere = load_config(None, **command_line_overrides(plain_http=True), **no_credentials)
     async with open_registry_client(everywhere) as client:
         assert client.scheme_for("other.example") == "http"
+
+
+def config_keys(section: Any = None, prefix: str = "") -> list[str]:
+    """Every key of the config, dotted ("fetch.retries")."""
+    import dataclasses
+
+    section = Config() if section is None else section
+    keys: list[str] = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += config_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_docs_list_every_key() -> None:
+    """docs/config.md has a row for every key, under its section's heading."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    for key in config_keys():
+        section, _, name = key.rpartition(".")
+        heading = f"## `[{section}]`" if section else "## Top level"
+        assert heading in docs, heading
+        body = docs.split(heading, 1)[1].split("\n## ", 1)[0]
+        assert f"| `{name}`" in body, key
