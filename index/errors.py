@@ -9,7 +9,10 @@ Every error lazysnap raises on purpose derives from ``LazysnapError``::
      |    +-- UnsafePath             an entry would escape the layer root
      |    +-- TruncatedLayer         the compressed stream or tar ends too early
      |    +-- IndexVersionError      a stored index of another format version
-     +-- (snapshotter.errors)        RegistryError, FetchError, SnapshotError, ...
+     |    +-- EstargzError           (index.estargz) a malformed eStargz footer or TOC
+     +-- (snapshotter.errors)        RegistryError, FetchError, ConfigError, UsageError, ...
+
+The whole tree, with the gRPC status of each class, is drawn in ``snapshotter/errors.py``.
 
 Messages name the object (layer digest, entry path, image reference) and say what to do.
 """

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Set up a fresh Debian 12 machine for lazysnap, idempotently: apt packages, then a
-# virtualenv in .venv with lazysnap and its dev tools installed (editable).
+# virtualenv in .venv with lazysnap, its dev tools and the bench extra installed (editable).
 # Run as root. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # This machine's pip config names local mirror folders that may be absent: hide those warnings only.
   quiet_pip() { .venv/bin/pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
   quiet_pip --upgrade pip
-  quiet_pip -e '.[dev]'
+  quiet_pip -e '.[dev,bench]'  # bench: matplotlib, for `lazysnap bench` and its tests
   touch "$stamp"
 fi
 # Byte-compile lazysnap itself, as an installed package would be: with PYTHONDONTWRITEBYTECODE set

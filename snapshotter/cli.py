@@ -5,23 +5,74 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from index.errors import LazysnapError
 from snapshotter.errors import UsageError
 
-DEFAULT_ROOT = "/var/lib/lazysnap"
+if TYPE_CHECKING:
+    from snapshotter.config import Config
+
 EXIT_USAGE = 2
+
+# Set by --verbose (on the group or any command): debug logs, and tracebacks for errors.
+_verbose = False
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    global _verbose
+    _verbose = _verbose or value
+
+
+VERBOSE_OPTION = click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_verbose,
+    help="Log debug messages; show a traceback with an error.",
+)
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML config file (see docs/config.md); flags override it.",
+)
+ROOT_OPTION = click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    help="State directory: blob cache, stored indexes, mount records; default: the config's, else /var/lib/lazysnap.",
+)
+PLAIN_HTTP_OPTION = click.option(
+    "--plain-http", is_flag=True, help="Use plain HTTP for this registry (automatic for localhost)."
+)
+DOCKER_CONFIG_OPTION = click.option(
+    "--docker-config",
+    type=click.Path(dir_okay=False),
+    help="Credentials file (default ~/.docker/config.json).",
+)
+
+
+def _load(config_path: str | None, **flags: Any) -> Config:
+    """The config file with the flags applied; raises ConfigError."""
+    from snapshotter.config import command_line_overrides, load_config
+
+    return load_config(config_path, **command_line_overrides(verbose=_verbose, **flags))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lazysnap")
+@VERBOSE_OPTION
 def cli() -> None:
     """lazysnap: a lazy-loading container snapshotter for containerd."""
 
 
 @cli.command()
+@VERBOSE_OPTION
 def demo() -> None:
     """Start a local registry with a sample image and show what lazysnap does with it."""
     from snapshotter.devtools.demo import run_demo
@@ -40,40 +91,25 @@ def demo() -> None:
     type=click.Path(dir_okay=False),
     help="Unix socket to serve the Snapshots API on; default: the config's, else /run/lazysnap/lazysnap.sock.",
 )
-@click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, exists=True), help="TOML config file."
-)
+@CONFIG_OPTION
+@VERBOSE_OPTION
 def serve(root: str | None, address: str | None, config_path: str | None) -> None:
     """Serve containerd's snapshot API as a proxy plugin on a unix socket."""
+    from snapshotter.config import check_socket_path, prepare_root
     from snapshotter.service.daemon import serve_forever
     from snapshotter.service.remote_layers import fuse_remote_layers
 
-    sys.exit(
-        serve_forever(root=root, address=address, config_path=config_path, remote_layers=fuse_remote_layers)
-    )
-
-
-ROOT_OPTION = click.option(
-    "--root",
-    default=DEFAULT_ROOT,
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="State directory: blob cache, stored indexes, mount records.",
-)
-PLAIN_HTTP_OPTION = click.option(
-    "--plain-http", is_flag=True, help="Use plain HTTP for this registry (automatic for localhost)."
-)
-DOCKER_CONFIG_OPTION = click.option(
-    "--docker-config",
-    type=click.Path(dir_okay=False),
-    help="Credentials file (default ~/.docker/config.json).",
-)
+    config = _load(config_path, root=root, address=address)
+    check_socket_path(config.address, "address")
+    prepare_root(config)
+    sys.exit(serve_forever(config, remote_layers=fuse_remote_layers))
 
 
 @cli.command()
 @click.argument("reference")
 @click.argument("mountpoint", type=click.Path())
 @ROOT_OPTION
+@CONFIG_OPTION
 @PLAIN_HTTP_OPTION
 @click.option("--foreground", is_flag=True, help="Stay attached: serve until unmounted or interrupted.")
 @click.option(
@@ -86,42 +122,48 @@ DOCKER_CONFIG_OPTION = click.option(
 )
 @DOCKER_CONFIG_OPTION
 @click.option("--status-fd", type=int, hidden=True)
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@VERBOSE_OPTION
 def mount(
     reference: str,
     mountpoint: str,
-    root: str,
+    root: str | None,
+    config_path: str | None,
     plain_http: bool,
     foreground: bool,
     eager: bool,
     no_background_fetch: bool,
     docker_config: str | None,
     status_fd: int | None,
-    verbose: bool,
 ) -> None:
     """Mount image REFERENCE at MOUNTPOINT; file bytes are fetched when something reads them."""
-    from snapshotter.mount.command import check_mountpoint, spawn_daemon
+    from snapshotter.config import prepare_root
+    from snapshotter.mount.command import (
+        build_mount_options,
+        check_mountpoint,
+        check_root_for_mount,
+        spawn_daemon,
+    )
+    from snapshotter.remote.reference import parse_reference
 
-    _configure_logging(verbose)
+    config = _load(
+        config_path,
+        root=root,
+        plain_http=plain_http,
+        docker_config=docker_config,
+        no_background_fetch=no_background_fetch,
+    )
+    _configure_logging(config.log_level)
+    parse_reference(reference)  # a bad reference is refused here, before anything is started
     check_mountpoint(mountpoint)
+    prepare_root(config)
+    check_root_for_mount(config, mountpoint)
     if eager:
         from snapshotter.mount.eager import run_eager_mount
 
-        sys.exit(
-            run_eager_mount(
-                reference, mountpoint, root, plain_http=plain_http, docker_config_path=docker_config
-            )
-        )
-    from snapshotter.mount.daemon import MountOptions, run_mount_daemon
+        sys.exit(run_eager_mount(reference, mountpoint, config))
+    from snapshotter.mount.daemon import run_mount_daemon
 
-    options = MountOptions(
-        reference=reference,
-        mountpoint=os.path.realpath(mountpoint),
-        root=root,
-        plain_http=plain_http,
-        background_fetch=not no_background_fetch,
-        docker_config_path=docker_config,
-    )
+    options = build_mount_options(reference, mountpoint, config, config_path, plain_http=plain_http)
     if foreground or status_fd is not None:
         sys.exit(run_mount_daemon(options, status_fd))
     code = spawn_daemon(options)
@@ -137,27 +179,32 @@ def mount(
 @cli.command()
 @click.argument("mountpoint", type=click.Path())
 @ROOT_OPTION
-def umount(mountpoint: str, root: str) -> None:
+@CONFIG_OPTION
+@VERBOSE_OPTION
+def umount(mountpoint: str, root: str | None, config_path: str | None) -> None:
     """Unmount a lazysnap mount and stop its daemon."""
     from snapshotter.mount.command import umount_command
 
-    sys.exit(umount_command(root, mountpoint))
+    sys.exit(umount_command(_load(config_path, root=root).root, mountpoint))
 
 
 @cli.command()
 @click.argument("mountpoint", type=click.Path())
 @ROOT_OPTION
+@CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
-def stats(mountpoint: str, root: str, as_json: bool) -> None:
+@VERBOSE_OPTION
+def stats(mountpoint: str, root: str | None, config_path: str | None, as_json: bool) -> None:
     """Show per-layer statistics of a running mount: how each layer is served, bytes fetched, hits."""
     from rich.console import Console
 
     from snapshotter.mount.command import stats_command
 
-    sys.exit(stats_command(root, mountpoint, as_json, Console()))
+    sys.exit(stats_command(_load(config_path, root=root).root, mountpoint, as_json, Console()))
 
 
 @cli.group("index")
+@VERBOSE_OPTION
 def index_group() -> None:
     """Layer indexes: build them once and publish them next to the image."""
 
@@ -165,26 +212,38 @@ def index_group() -> None:
 @index_group.command("push")
 @click.argument("reference")
 @ROOT_OPTION
+@CONFIG_OPTION
 @PLAIN_HTTP_OPTION
 @DOCKER_CONFIG_OPTION
 @click.option(
     "--spacing",
-    default=1 << 20,
-    show_default=True,
     type=click.IntRange(min=64 << 10),
-    help="Uncompressed bytes between gzip seek points: smaller means less fetched per cold read, a bigger index.",
+    help="Uncompressed bytes between gzip seek points: smaller means less fetched per cold read, "
+    "a bigger index; default: the config's layers.gzip_spacing_bytes, else 1 MiB.",
 )
-def index_push(reference: str, root: str, plain_http: bool, docker_config: str | None, spacing: int) -> None:
+@VERBOSE_OPTION
+def index_push(
+    reference: str,
+    root: str | None,
+    config_path: str | None,
+    plain_http: bool,
+    docker_config: str | None,
+    spacing: int | None,
+) -> None:
     """Index every layer of REFERENCE and push the indexes to its registry, so mounts are lazy everywhere."""
     import trio
 
+    from snapshotter.config import prepare_root
     from snapshotter.layers.index_push import push_image_indexes
+    from snapshotter.remote.reference import parse_reference
 
-    pushed = trio.run(
-        lambda: push_image_indexes(
-            reference, root, plain_http=plain_http, docker_config_path=docker_config, gzip_spacing=spacing
-        )
+    config = _load(
+        config_path, root=root, plain_http=plain_http, docker_config=docker_config, gzip_spacing=spacing
     )
+    _configure_logging(config.log_level)
+    parse_reference(reference)
+    prepare_root(config)
+    pushed = trio.run(push_image_indexes, reference, config)
     for digest in pushed.published:
         click.echo(f"indexed {digest}")
     for digest, why in pushed.skipped.items():
@@ -223,6 +282,7 @@ def index_push(reference: str, root: str, plain_http: bool, docker_config: str |
 @click.option(
     "--workdir", type=click.Path(file_okay=False), help="Scratch space (default: a new dir in /var/tmp)."
 )
+@VERBOSE_OPTION
 def bench(
     references: tuple[str, ...],
     plain_http: bool,
@@ -257,21 +317,33 @@ def bench(
     sys.exit(run_bench(options, Console() if sys.stdout.isatty() else Console(width=130)))
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(level: str) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # One line per HTTP request drowns what matters; -v brings it back.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # One line per HTTP request drowns what matters; --verbose brings it back.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def _describe(error: BaseException) -> str:
+    """One line naming the cause of ``error``."""
+    if isinstance(error, LazysnapError):
+        return str(error)
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return f"{type(error).__name__}: {error} (a bug? --verbose shows the traceback)"
 
 
 def main() -> None:
-    """Run the CLI; a LazysnapError becomes one line on stderr and exit code 1."""
+    """Run the CLI; an error becomes one line on stderr (a traceback too with --verbose) and exit code 1 or 2."""
     try:
         cli(standalone_mode=True)
-    except LazysnapError as error:
-        click.echo(f"lazysnap: {error}", err=True)
+    except Exception as error:
+        if _verbose:
+            traceback.print_exc()
+        click.echo(f"lazysnap: {_describe(error)}", err=True)
         sys.exit(EXIT_USAGE if isinstance(error, UsageError) else 1)
 
 

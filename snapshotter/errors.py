@@ -1,30 +1,94 @@
-"""Errors of the registry client, the cache and the snapshot service.
+"""lazysnap's one exception tree: every error raised on purpose, and where each class lives.
 
-They extend the tree rooted in ``index.errors.LazysnapError``::
+The root and the layer-content errors live in ``index.errors`` (and ``EstargzError`` in
+``index.estargz``, not re-exported here: importing it costs the CLI's start-up ``tarfile``),
+because ``index`` must not import ``snapshotter``; every other class is defined here and
+re-exported where it used to live. The gRPC status each class maps to (in
+``snapshotter.service.grpc_server.STATUS_CODES``) is on the right::
 
-    LazysnapError
-     +-- IntegrityError, LayerFormatError, ...   (index.errors)
-     +-- RegistryError                the registry said no, or said something we can't use
-     |    +-- InvalidReference        "host/name:tag" could not be parsed
-     |    +-- AuthError               401/403 after trying the credentials we have
-     |    +-- NotFound                manifest or blob unknown to the registry
-     |    +-- UnsupportedMediaType    a manifest/config/layer type lazysnap can't handle
-     |    +-- NoMatchingPlatform      an image index without a manifest for this platform
-     |    +-- RangeNotSupported       the registry can't serve the byte range asked for
-     +-- FetchError                   the registry could not be reached or read
-     |    +-- FetchTimeout            a request ran over its deadline after every retry
-     |    +-- TruncatedResponse       the body ended before its announced length
-     +-- UsageError                   a command was given something it can't use (exit code 2)
-     +-- SnapshotError                containerd snapshot API errors (map to gRPC codes)
-          +-- SnapshotNotFound        NOT_FOUND
-          +-- AlreadyExists           ALREADY_EXISTS
-          +-- FailedPrecondition      FAILED_PRECONDITION
-          +-- InvalidArgument         INVALID_ARGUMENT
+    LazysnapError                          index.errors            INTERNAL
+     +-- IntegrityError                    index.errors            DATA_LOSS
+     |    +-- DigestMismatch               index.errors            DATA_LOSS
+     +-- LayerFormatError                  index.errors            FAILED_PRECONDITION
+     |    +-- UnsafePath                   index.errors            FAILED_PRECONDITION
+     |    +-- TruncatedLayer               index.errors            FAILED_PRECONDITION
+     |    +-- IndexVersionError            index.errors            FAILED_PRECONDITION
+     |    +-- EstargzError                 index.estargz           FAILED_PRECONDITION
+     +-- RegistryError                     the registry said no, or something we can't use
+     |    +-- InvalidReference             "host/name:tag" could not be parsed    INVALID_ARGUMENT
+     |    +-- AuthError                    401/403 with the credentials we have   PERMISSION_DENIED
+     |    +-- NotFound                     manifest or blob unknown               NOT_FOUND
+     |    +-- UnsupportedMediaType         a type lazysnap can't handle           FAILED_PRECONDITION
+     |    +-- NoMatchingPlatform           no manifest for this platform          NOT_FOUND
+     |    +-- RangeNotSupported            the registry can't serve the range     FAILED_PRECONDITION
+     +-- FetchError                        the registry could not be reached      UNAVAILABLE
+     |    +-- FetchTimeout                 over its deadline after every retry    DEADLINE_EXCEEDED
+     |    +-- TruncatedResponse            the body ended before its length       UNAVAILABLE
+     +-- ConfigError                       a config file or value is wrong        FAILED_PRECONDITION
+     +-- NotServedLazily                   no index without a whole download      FAILED_PRECONDITION
+     +-- UsageError                        a command was given something unusable (exit code 2)
+     |    |                                                                        INVALID_ARGUMENT
+     |    +-- MountPointError              not an empty directory, or mounted     INVALID_ARGUMENT
+     |    +-- MountNotFound                no daemon serves that directory        NOT_FOUND
+     |    +-- LinkError                    bench: bad --rate/--rtt, netns failed  INVALID_ARGUMENT
+     +-- BenchRunError                     bench: a step of a run failed          INTERNAL
+     +-- SnapshotError                     containerd snapshot API errors         INTERNAL
+          +-- SnapshotNotFound             no snapshot has that key               NOT_FOUND
+          +-- AlreadyExists                the key is taken                       ALREADY_EXISTS
+          +-- FailedPrecondition           the snapshot's state forbids the call  FAILED_PRECONDITION
+          +-- InvalidArgument              malformed filter, field path, ...      INVALID_ARGUMENT
+
+``LayerFormatError`` maps to FAILED_PRECONDITION, not INVALID_ARGUMENT: containerd's call was
+well formed, the layer it names is what can't be served. ``AuthError`` maps to PERMISSION_DENIED,
+not UNAUTHENTICATED: containerd itself is trusted (the socket is 0600); the registry refused us.
+Anything not in the tree (OSError, a bug) is INTERNAL.
+
+Messages name the object (layer digest, entry path, image reference, config key) and say what to do.
 """
 
 from __future__ import annotations
 
-from index.errors import LazysnapError
+from index.errors import (
+    DigestMismatch,
+    IndexVersionError,
+    IntegrityError,
+    LayerFormatError,
+    LazysnapError,
+    TruncatedLayer,
+    UnsafePath,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "AuthError",
+    "BenchRunError",
+    "ConfigError",
+    "DigestMismatch",
+    "FailedPrecondition",
+    "FetchError",
+    "FetchTimeout",
+    "IndexVersionError",
+    "IntegrityError",
+    "InvalidArgument",
+    "InvalidReference",
+    "LayerFormatError",
+    "LazysnapError",
+    "LinkError",
+    "MountNotFound",
+    "MountPointError",
+    "NoMatchingPlatform",
+    "NotFound",
+    "NotServedLazily",
+    "RangeNotSupported",
+    "RegistryError",
+    "SnapshotError",
+    "SnapshotNotFound",
+    "TruncatedLayer",
+    "TruncatedResponse",
+    "UnsafePath",
+    "UnsupportedMediaType",
+    "UsageError",
+]
 
 
 class RegistryError(LazysnapError):
@@ -67,8 +131,32 @@ class TruncatedResponse(FetchError):
     """A response body ended before the length it announced."""
 
 
+class ConfigError(LazysnapError):
+    """The config file can't be read, or a key is unknown, of the wrong type or out of range."""
+
+
+class NotServedLazily(LazysnapError):
+    """The layer has no index to be served from without downloading it whole first."""
+
+
 class UsageError(LazysnapError):
     """A command was given something it can't use: a bad mount point, an unknown mount."""
+
+
+class MountPointError(UsageError):
+    """The mount point can't be used: not a directory, not empty, or already mounted."""
+
+
+class MountNotFound(UsageError):
+    """No lazysnap daemon serves that directory."""
+
+
+class LinkError(UsageError):
+    """The network profile can't be set up: a bad --rate/--rtt, or netns/veth/tc failed."""
+
+
+class BenchRunError(LazysnapError):
+    """A step of a benchmark run failed; the message names the step and carries its output."""
 
 
 class SnapshotError(LazysnapError):
@@ -89,7 +177,3 @@ class FailedPrecondition(SnapshotError):
 
 class InvalidArgument(SnapshotError):
     """The call's arguments are malformed (bad filter, forbidden field path, ...)."""
-
-
-class NotServedLazily(LazysnapError):
-    """The layer has no index to be served from without downloading it whole first."""

@@ -17,6 +17,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -24,8 +25,14 @@ from index.errors import DigestMismatch
 from snapshotter.errors import TruncatedResponse
 from snapshotter.remote.reference import sha256_hex
 
+if TYPE_CHECKING:
+    from snapshotter.config import Config
+
 FetchRange = Callable[[int, int], Awaitable[bytes]]
 
+# The defaults of BlobCache's tunables; the [cache] and [background_fetch] sections of
+# snapshotter.config set them, and their comments there are the reference.
+#
 # Misses further apart than this are fetched with separate requests; closer ones are merged
 # into one Range request even if a few present chunks in between are fetched again, because a
 # round trip costs more than re-reading a few KiB.
@@ -99,6 +106,10 @@ class CachedBlob:
         span_digests: Sequence[str] = (),
         activity: ForegroundActivity | None = None,
         min_fetch: int = MIN_FETCH_BYTES,
+        *,
+        merge_gap_chunks: int = MERGE_GAP_CHUNKS,
+        background_request_bytes: int = BACKGROUND_REQUEST_BYTES,
+        background_quiet_seconds: float = BACKGROUND_QUIET_SECONDS,
     ) -> None:
         if span_digests and len(span_digests) != _chunk_count(size, chunk_size):
             raise ValueError(
@@ -109,6 +120,9 @@ class CachedBlob:
         self.size = size
         self.chunk_size = chunk_size
         self.min_fetch = min_fetch
+        self.merge_gap_chunks = merge_gap_chunks
+        self.background_request_bytes = background_request_bytes
+        self.background_quiet_seconds = background_quiet_seconds
         self.stats = BlobStats()
         self._fetch = fetch
         self._span_digests = list(span_digests)
@@ -284,15 +298,18 @@ class CachedBlob:
         """Record that the whole blob matched its digest."""
         (self.directory / "verified").touch()
 
-    async def fill(
-        self, *, yield_to_foreground: bool = True, quiet_seconds: float = BACKGROUND_QUIET_SECONDS
-    ) -> None:
+    async def fill(self, *, yield_to_foreground: bool = True, quiet_seconds: float | None = None) -> None:
         """Fetch every missing chunk in order, pausing while on-demand reads are waiting or recent.
+
+        ``quiet_seconds`` (None: the cache's ``background_quiet_seconds``) is how long on-demand
+        reads must have been quiet before each background request.
 
         Raises:
             DigestMismatch, FetchError: as ``read``.
         """
-        per_request = max(1, BACKGROUND_REQUEST_BYTES // self.chunk_size)
+        if quiet_seconds is None:
+            quiet_seconds = self.background_quiet_seconds
+        per_request = max(1, self.background_request_bytes // self.chunk_size)
         index = 0
         while index < self.chunk_count:
             if self._present[index]:
@@ -387,7 +404,7 @@ class CachedBlob:
                 continue
             if (
                 runs
-                and index - runs[-1][1] <= MERGE_GAP_CHUNKS
+                and index - runs[-1][1] <= self.merge_gap_chunks
                 and not self._any_inflight(runs[-1][1] + 1, index)
             ):
                 runs[-1] = (runs[-1][0], index)
@@ -452,7 +469,20 @@ def _chunk_count(size: int, chunk_size: int) -> int:
 class BlobCache:
     """The on-disk cache of all blobs under one root directory."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        min_fetch: int = MIN_FETCH_BYTES,
+        merge_gap_chunks: int = MERGE_GAP_CHUNKS,
+        background_request_bytes: int = BACKGROUND_REQUEST_BYTES,
+        background_quiet_seconds: float = BACKGROUND_QUIET_SECONDS,
+    ) -> None:
+        """A cache under ``root`` (created if missing), its blobs tuned as the [cache] config says; raises OSError."""
+        self.min_fetch = min_fetch
+        self.merge_gap_chunks = merge_gap_chunks
+        self.background_request_bytes = background_request_bytes
+        self.background_quiet_seconds = background_quiet_seconds
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._open: dict[str, CachedBlob] = {}
@@ -470,9 +500,13 @@ class BlobCache:
         *,
         chunk_size: int = 64 << 10,
         span_digests: Sequence[str] = (),
-        min_fetch: int = MIN_FETCH_BYTES,
+        min_fetch: int | None = None,
     ) -> CachedBlob:
-        """Return the cached blob for ``digest``, opening its files once per process."""
+        """Return the cached blob for ``digest``, opening its files once per process; raises OSError.
+
+        ``min_fetch`` (None: the cache's) is the least an on-demand read fetches; 0 for blobs cached
+        in fine chunks, whose reads should fetch exactly their gzip members.
+        """
         blob = self._open.get(digest)
         if blob is None:
             blob = CachedBlob(
@@ -483,7 +517,10 @@ class BlobCache:
                 fetch,
                 span_digests,
                 self._activity,
-                min_fetch=min_fetch,
+                min_fetch=self.min_fetch if min_fetch is None else min_fetch,
+                merge_gap_chunks=self.merge_gap_chunks,
+                background_request_bytes=self.background_request_bytes,
+                background_quiet_seconds=self.background_quiet_seconds,
             )
             self._open[digest] = blob
         return blob
@@ -499,3 +536,14 @@ class BlobCache:
         for blob in self._open.values():
             blob.close()
         self._open.clear()
+
+
+def open_blob_cache(config: Config) -> BlobCache:
+    """The blob cache a config describes (directory and [cache]/[background_fetch] tunables); raises OSError."""
+    return BlobCache(
+        config.cache_path(),
+        min_fetch=config.cache.min_fetch_bytes,
+        merge_gap_chunks=config.cache.merge_gap_chunks,
+        background_request_bytes=config.cache.background_request_bytes,
+        background_quiet_seconds=config.background_fetch.quiet_seconds,
+    )

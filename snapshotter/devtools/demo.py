@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 from rich.console import Console
 
+from snapshotter.config import load_config
 from snapshotter.devtools.image_builder import (
     Layer,
     directory,
@@ -35,7 +36,7 @@ from snapshotter.devtools.image_builder import (
 )
 from snapshotter.devtools.local_registry import LocalRegistry
 from snapshotter.layers.index_push import push_image_indexes
-from snapshotter.remote.client import RegistryClient, ResolvedImage
+from snapshotter.remote.client import ResolvedImage, open_registry_client
 from snapshotter.remote.reference import Reference
 from snapshotter.service.chain_ids import chain_ids
 
@@ -74,10 +75,13 @@ def sample_layers() -> list[Layer]:
 async def _publish(registry: LocalRegistry, publisher_root: str) -> ResolvedImage:
     ref = Reference(registry.host, DEMO_REPOSITORY, "latest", None)
     # No config.json: the demo registry is anonymous, and the user's credentials are none of its business.
-    async with RegistryClient(docker_config_path="/nonexistent/lazysnap-demo.json") as client:
+    config = load_config(
+        None, root=publisher_root, **{"registry.credentials_file": "/nonexistent/lazysnap-demo.json"}
+    )
+    async with open_registry_client(config) as client:
         await push_image(client, ref, sample_layers())
         image = await client.resolve(ref)
-    await push_image_indexes(str(ref), publisher_root, docker_config_path="/nonexistent/lazysnap-demo.json")
+    await push_image_indexes(str(ref), config)
     return image
 
 

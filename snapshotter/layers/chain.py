@@ -21,10 +21,17 @@ from index.errors import IntegrityError, LayerFormatError, LazysnapError
 from index.model import Entry
 from snapshotter.cache.blob_cache import BlobCache
 from snapshotter.cache.index_store import IndexStore
+from snapshotter.config import Config
 from snapshotter.errors import FetchTimeout
 from snapshotter.layers.layer import Layer
 from snapshotter.layers.published import PublishedIndexes
-from snapshotter.layers.sources import LayerResolver, Progress, SourceSettings, declared_toc_digest
+from snapshotter.layers.sources import (
+    LayerResolver,
+    Progress,
+    SourceSettings,
+    declared_toc_digest,
+    source_settings,
+)
 from snapshotter.layers.verify import verify_layer
 from snapshotter.remote.client import Descriptor, RegistryClient
 from snapshotter.remote.reference import Reference
@@ -52,6 +59,18 @@ class ServeSettings:
     # link without starving the first layers the merge needs.
     parallel_layer_opens: int = 3
     sources: SourceSettings = field(default_factory=SourceSettings)
+
+
+def serve_settings(config: Config, *, background_delay: float | None = None) -> ServeSettings:
+    """The core's settings from ``config`` (``background_delay``: overrides ``background_fetch.delay_seconds``)."""
+    fill = config.background_fetch
+    return ServeSettings(
+        read_timeout=config.fuse.read_timeout_seconds,
+        background_fetch=fill.enabled,
+        background_delay=fill.delay_seconds if background_delay is None else background_delay,
+        parallel_layer_opens=config.layers.parallel_layer_opens,
+        sources=source_settings(config),
+    )
 
 
 @dataclass(frozen=True)

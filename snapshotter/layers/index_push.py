@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from index.model import LayerFormat
 from index.reader import is_randomly_accessible
-from snapshotter.cache.blob_cache import BlobCache
+from snapshotter.cache.blob_cache import open_blob_cache
 from snapshotter.cache.index_store import IndexStore
+from snapshotter.config import Config
 from snapshotter.layers.published import artifact_tag, publish_indexes
-from snapshotter.layers.sources import LayerResolver, SourceSettings
-from snapshotter.remote.client import RegistryClient
+from snapshotter.layers.sources import LayerResolver, source_settings
+from snapshotter.remote.client import open_registry_client
 
 
 @dataclass(frozen=True)
@@ -24,30 +24,26 @@ class PushedIndexes:
     skipped: dict[str, str]
 
 
-async def push_image_indexes(
-    reference: str,
-    root: str,
-    *,
-    plain_http: bool = False,
-    docker_config_path: str | None = None,
-    gzip_spacing: int = 1 << 20,
-) -> PushedIndexes:
+async def push_image_indexes(reference: str, config: Config) -> PushedIndexes:
     """Index every layer of ``reference`` (streaming each blob once unless indexed before) and publish them.
+
+    The registry client, cache and gzip seek-point spacing (``layers.gzip_spacing_bytes``) come
+    from ``config``.
 
     Raises:
         RegistryError, FetchError: the registry failed.
         LayerFormatError, IntegrityError: a layer is malformed or does not match its digests.
     """
-    cache = BlobCache(Path(root) / "cache")
+    cache = open_blob_cache(config)
     try:
-        async with RegistryClient(plain_http=plain_http, docker_config_path=docker_config_path) as client:
+        async with open_registry_client(config) as client:
             image = await client.resolve(reference)
             resolver = LayerResolver(
                 client,
                 image.reference,
                 cache,
-                IndexStore(Path(root) / "indexes"),
-                settings=SourceSettings(gzip_spacing=gzip_spacing),
+                IndexStore(config.index_store_path()),
+                settings=source_settings(config),
             )
             indexes = []
             skipped: dict[str, str] = {}

@@ -32,8 +32,9 @@ from index.estargz import EstargzLayer, read_estargz
 from index.model import LayerFormat, LayerIndex
 from index.readahead import SiblingReadahead
 from index.reader import LayerReader, is_randomly_accessible
-from snapshotter.cache.blob_cache import MIN_FETCH_BYTES, BlobCache, CachedBlob
+from snapshotter.cache.blob_cache import BlobCache, CachedBlob
 from snapshotter.cache.index_store import IndexStore
+from snapshotter.config import Config
 from snapshotter.errors import NotServedLazily
 from snapshotter.layers.layer import (
     HOW_DOWNLOADED,
@@ -91,6 +92,23 @@ class SourceSettings:
     trust_tag_indexes_for_digest_pulls: bool = False
     # A layer whose tar inflates past this is refused (a gzip or zstd bomb), as it streams.
     max_uncompressed_bytes: int = 64 << 30
+
+
+def source_settings(config: Config) -> SourceSettings:
+    """The ladder's settings from ``[layers]`` of ``config``."""
+    layers = config.layers
+    return SourceSettings(
+        gzip_spacing=layers.gzip_spacing_bytes,
+        fine_chunk_size=layers.fine_chunk_bytes,
+        limits=PrefetchLimits(
+            landmark_max_bytes=layers.landmark_prefetch_max_bytes,
+            landmark_piece_bytes=layers.landmark_prefetch_piece_bytes,
+            file_max_bytes=layers.file_prefetch_max_bytes,
+        ),
+        allow_unpinned_toc=layers.allow_unpinned_toc,
+        trust_tag_indexes_for_digest_pulls=layers.trust_tag_indexes_for_digest_pulls,
+        max_uncompressed_bytes=layers.max_uncompressed_bytes,
+    )
 
 
 def toc_scope(toc_digest: str) -> str:
@@ -187,7 +205,7 @@ class LayerResolver:
             self._fetcher(descriptor.digest),
             chunk_size=self._settings.fine_chunk_size if fine else SPAN_SIZE,
             # Small chunks are widened by the layer's directory-aware read-ahead, not blindly.
-            min_fetch=0 if fine else MIN_FETCH_BYTES,
+            min_fetch=0 if fine else None,  # None: the cache's configured minimum
         )
         if index is not None and not fine:
             blob.set_span_digests(index.span_digests)  # refusal() made sure they fit

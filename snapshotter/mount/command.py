@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from fusefs.mount import is_mounted, unmount
-from snapshotter.errors import UsageError
+from snapshotter.config import ALL_HOSTS, Config, check_socket_path
+from snapshotter.errors import MountNotFound
+from snapshotter.errors import MountPointError as MountPointError  # re-exported: it was defined here
 from snapshotter.mount.daemon import MountOptions, run_mount_daemon
 from snapshotter.mount.state import (
-    MountNotFound,
+    control_socket_path,
     pid_alive,
     query_stats,
     read_record,
@@ -33,10 +35,6 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
     from rich.table import Table
-
-
-class MountPointError(UsageError):
-    """The mount point can't be used: not a directory, not empty, or already mounted."""
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -54,6 +52,35 @@ def check_mountpoint(mountpoint: str) -> None:
         )
     if any(path.iterdir()):
         raise MountPointError(f"{mountpoint}: directory is not empty; mount on an empty directory")
+
+
+def check_root_for_mount(config: Config, mountpoint: str) -> None:
+    """Refuse a root whose control socket path for ``mountpoint`` would not fit a unix socket address.
+
+    Raises:
+        ConfigError: the path is over the 108-byte limit (call after ``prepare_root``).
+    """
+    check_socket_path(control_socket_path(config.root, mountpoint), f"root {config.root}")
+
+
+def build_mount_options(
+    reference: str, mountpoint: str, config: Config, config_path: str | None, *, plain_http: bool
+) -> MountOptions:
+    """The daemon's options: the config values it reads as fields, and the file it re-loads; raises nothing.
+
+    The daemon re-loads ``config_path`` and applies the same flags through
+    ``command_line_overrides(root=..., plain_http=..., docker_config=..., no_background_fetch=...)``
+    from these fields, so it sees the config this command saw.
+    """
+    values: dict[str, Any] = {
+        "reference": reference,
+        "mountpoint": os.path.realpath(mountpoint),
+        "root": config.root,
+        "plain_http": plain_http or ALL_HOSTS in config.registry.plain_http,
+        "background_fetch": config.background_fetch.enabled,
+        "docker_config_path": config.registry.credentials_file or None,
+    }
+    return MountOptions(**values, config_path=config_path)
 
 
 def spawn_daemon(options: MountOptions, report: Report | None = None) -> int:

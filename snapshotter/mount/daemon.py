@@ -22,13 +22,14 @@ import trio
 from fusefs.mount import run_filesystem, unmount
 from fusefs.operations import ReadOnlyOperations
 from index.errors import LazysnapError
-from snapshotter.cache.blob_cache import BlobCache
+from snapshotter.cache.blob_cache import open_blob_cache
 from snapshotter.cache.index_store import WriteBehindIndexStore
-from snapshotter.layers.chain import ChainCore, DiffId, LayerRequest, ServeSettings
+from snapshotter.config import Config, command_line_overrides, load_config
+from snapshotter.layers.chain import ChainCore, DiffId, LayerRequest, serve_settings
 from snapshotter.layers.layer import Layer
 from snapshotter.layers.published import PublishedIndexes
 from snapshotter.mount.state import MountRecord, control_socket_path, remove_record, write_record
-from snapshotter.remote.client import RegistryClient, ResolvedImage
+from snapshotter.remote.client import RegistryClient, ResolvedImage, open_registry_client
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,18 @@ class MountOptions:
     plain_http: bool = False
     background_fetch: bool = True
     docker_config_path: str | None = None
+    # The config file the command read (None: defaults); the daemon re-loads it with the same flags.
+    config_path: str | None = None
+
+    def config(self) -> Config:
+        """The configuration this mount runs with: the file, then the command's flags; raises ConfigError."""
+        overrides = command_line_overrides(
+            root=self.root,
+            plain_http=self.plain_http,
+            docker_config=self.docker_config_path,
+            no_background_fetch=not self.background_fetch,
+        )
+        return load_config(self.config_path, **overrides)
 
 
 class StatusPipe:
@@ -73,18 +86,19 @@ class StatusPipe:
 class MountDaemon:
     """One mounted image: its layers, its filesystem and its statistics."""
 
-    def __init__(
-        self, options: MountOptions, status: StatusPipe, settings: ServeSettings | None = None
-    ) -> None:
+    def __init__(self, options: MountOptions, status: StatusPipe, config: Config) -> None:
         self.options = options
         self.status = status
-        self.settings = settings or ServeSettings()
+        self.config = config
+        # A mount fills its layers as soon as it is ready (the fill yields to on-demand reads by
+        # itself); background_fetch.delay_seconds is for serve, where containers start later.
+        self.settings = serve_settings(config, background_delay=0.0)
         self.image: ResolvedImage | None = None
         self.layers: list[Layer] = []
         self.started = time.monotonic()
         self.ready_seconds = 0.0
         # Indexes obtained while mounting are written once the mount is ready, not before.
-        self.store = WriteBehindIndexStore(Path(options.root) / "indexes")
+        self.store = WriteBehindIndexStore(config.index_store_path())
         self._diff_ids_loaded = trio.Event()
 
     def stats(self) -> dict[str, Any]:
@@ -110,11 +124,9 @@ class MountDaemon:
     async def run(self) -> int:
         """Mount, serve until unmounted or signalled, clean up; return the process exit code."""
         options = self.options
-        cache = BlobCache(Path(options.root) / "cache")
+        cache = open_blob_cache(self.config)
         try:
-            async with RegistryClient(
-                plain_http=options.plain_http, docker_config_path=options.docker_config_path
-            ) as client:
+            async with open_registry_client(self.config) as client:
                 image = self.image = await client.resolve_manifest(options.reference)
                 async with trio.open_nursery() as nursery:
                     core = ChainCore(client, cache, self.store, nursery, self.settings)
@@ -211,7 +223,13 @@ class MountDaemon:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve the mount until the kernel unmounts it, then cancel the helpers beside it."""
-        await run_filesystem(operations, self.options.mountpoint, task_status=task_status)
+        await run_filesystem(
+            operations,
+            self.options.mountpoint,
+            max_tasks=self.config.fuse.max_tasks,
+            read_ahead_kb=self.config.fuse.read_ahead_kb,
+            task_status=task_status,
+        )
         nursery.cancel_scope.cancel()
 
     async def _save_indexes(self) -> None:
@@ -255,6 +273,12 @@ class MountDaemon:
 
 def run_mount_daemon(options: MountOptions, status_fd: int | None) -> int:
     """Run a mount daemon in this process until the image is unmounted; return the exit code."""
-    settings = ServeSettings(background_fetch=options.background_fetch)
-    daemon = MountDaemon(options, StatusPipe(status_fd), settings)
+    status = StatusPipe(status_fd)
+    try:
+        config = options.config()
+    except LazysnapError as error:
+        status.send("error", message=str(error))
+        status.close()
+        return 1
+    daemon = MountDaemon(options, status, config)
     return trio.run(daemon.run)

@@ -18,8 +18,9 @@ import trio
 
 from index.errors import DigestMismatch
 from index.uncompressed import ReadableStream, open_tar_stream
+from snapshotter.config import Config
 from snapshotter.mount.eager_unpack import apply_layer
-from snapshotter.remote.client import Descriptor, RegistryClient, ResolvedImage
+from snapshotter.remote.client import Descriptor, RegistryClient, ResolvedImage, open_registry_client
 from snapshotter.remote.media_types import layer_format
 
 
@@ -100,20 +101,17 @@ def _unpack(path: Path, layer: Descriptor, diff_id: str, rootfs: Path) -> None:
         raise DigestMismatch(f"layer {layer.digest} (uncompressed tar)", diff_id, actual)
 
 
-def run_eager_mount(
-    reference: str,
-    mountpoint: str,
-    root: str,
-    *,
-    plain_http: bool = False,
-    docker_config_path: str | None = None,
-) -> int:
-    """``lazysnap mount --eager``: pull and unpack everything, bind-mount it, print what it took; exit code."""
+def run_eager_mount(reference: str, mountpoint: str, config: Config) -> int:
+    """``lazysnap mount --eager``: pull and unpack everything under ``config.root``, bind-mount it; exit code.
+
+    Raises:
+        RegistryError, FetchError, IntegrityError, LayerFormatError: as ``eager_mount``.
+    """
 
     async def pull() -> EagerResult:
-        async with RegistryClient(plain_http=plain_http, docker_config_path=docker_config_path) as client:
+        async with open_registry_client(config) as client:
             image = await client.resolve(reference)
-            return await eager_mount(client, image, Path(root), mountpoint)
+            return await eager_mount(client, image, Path(config.root), mountpoint)
 
     result = trio.run(pull)
     print(

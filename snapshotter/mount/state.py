@@ -16,11 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from snapshotter.errors import UsageError
-
-
-class MountNotFound(UsageError):
-    """No lazysnap daemon serves that directory."""
+from snapshotter.errors import MountNotFound as MountNotFound  # re-exported: it was defined here
 
 
 @dataclass(frozen=True)

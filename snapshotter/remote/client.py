@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import trio
@@ -37,6 +37,9 @@ from snapshotter.remote.image_manifest import (
 )
 from snapshotter.remote.reference import Reference, parse_reference
 from snapshotter.remote.request import RegistrySession, RetryPolicy, give_up
+
+if TYPE_CHECKING:
+    from snapshotter.config import Config
 
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -92,8 +95,31 @@ class _SchemeTransports(httpx.AsyncBaseTransport):
             await self._tls.aclose()
 
 
+def open_registry_client(config: Config) -> RegistryClient:
+    """A client as ``config`` says: [registry] hosts and credentials, [fetch] timeouts, retries, pool; raises AuthError.
+
+    AuthError: the credentials file is unreadable or malformed.
+
+    ``"*"`` in ``registry.plain_http`` (what ``--plain-http`` sets) means plain HTTP to every host.
+    """
+    hosts = config.registry.plain_http
+    return RegistryClient(
+        plain_http="*" in hosts,
+        plain_http_hosts=[host for host in hosts if host != "*"],
+        docker_config_path=config.registry.credentials_file or None,
+        timeout=config.fetch.timeout_seconds,
+        connect_timeout=config.fetch.connect_timeout_seconds,
+        max_connections=config.fetch.max_connections_per_host,
+        retry_policy=RetryPolicy(max_retries=config.fetch.retries, base_delay=config.fetch.backoff_seconds),
+    )
+
+
 class RegistryClient:
-    """An async OCI distribution client for trio; use as ``async with RegistryClient() as client``."""
+    """An async OCI distribution client for trio; use as ``async with RegistryClient() as client``.
+
+    Commands build it with ``open_registry_client(config)``; the constructor's own defaults are
+    for tests and scripts, and follow the config's defaults.
+    """
 
     def __init__(
         self,

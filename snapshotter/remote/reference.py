@@ -102,7 +102,7 @@ def _split_host(text: str) -> tuple[str, str]:
 
 
 def parse_reference(text: str) -> Reference:
-    """Parse ``[host[:port]/]name[:tag][@digest]`` (Docker Hub shorthand too); raises InvalidReference."""
+    """Parse ``[host[:port]/]name[:tag][@sha256:digest]`` (Docker Hub shorthand too); raises InvalidReference."""
     original = text
     if not text or text != text.strip():
         raise InvalidReference(f"invalid image reference {original!r}: empty or surrounded by whitespace")
@@ -110,6 +110,13 @@ def parse_reference(text: str) -> Reference:
     if "@" in text:
         text, _, digest = text.partition("@")
         validate_digest(digest, f"image reference {original!r}")
+        algorithm = digest.partition(":")[0]
+        if algorithm != "sha256":
+            # Blobs, indexes and cache entries are all keyed by sha256 (as containerd's are).
+            raise InvalidReference(
+                f"image reference {original!r}: {algorithm} digests are not supported, only sha256; "
+                "pull by tag or by the manifest's sha256 digest"
+            )
     host, remainder = _split_host(text)
     tag: str | None = None
     last_slash = remainder.rfind("/")

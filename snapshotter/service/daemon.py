@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from snapshotter.config import Config, load_config
+from snapshotter.config import Config
 from snapshotter.service.grpc_server import GrpcServer
 from snapshotter.service.local_snapshots import LocalSnapshots
 from snapshotter.service.metadata_store import MetadataStore
@@ -38,14 +38,8 @@ async def no_remote_layers(config: Config) -> AsyncIterator[RemoteLayers | None]
     yield None
 
 
-def serve_forever(
-    root: str | None,
-    address: str | None,
-    config_path: str | None,
-    remote_layers: RemoteLayersFactory | None = None,
-) -> int:
-    """Serve the Snapshots API until SIGINT/SIGTERM and return the exit code; raises ConfigError, OSError."""
-    config = load_config(config_path, root=root, address=address)
+def serve_forever(config: Config, remote_layers: RemoteLayersFactory | None = None) -> int:
+    """Serve the Snapshots API until SIGINT/SIGTERM and return the exit code; raises OSError."""
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -2,7 +2,8 @@
 
 grpcio runs handlers in its thread pool; each one hops into the daemon's trio loop with
 ``trio.from_thread.run`` where the SnapshotService (and its single SQLite connection) lives, and
-maps SnapshotError subclasses to containerd's status codes.
+maps every error of lazysnap's tree to a gRPC status code in one table, ``STATUS_CODES`` (the
+reasons are in ``snapshotter.errors``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,39 @@ import grpc
 import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from index.errors import LazysnapError
+from index.errors import (
+    DigestMismatch,
+    IndexVersionError,
+    IntegrityError,
+    LayerFormatError,
+    LazysnapError,
+    TruncatedLayer,
+    UnsafePath,
+)
+from index.estargz import EstargzError
 from snapshotter.errors import (
     AlreadyExists,
+    AuthError,
+    BenchRunError,
+    ConfigError,
     FailedPrecondition,
+    FetchError,
+    FetchTimeout,
     InvalidArgument,
+    InvalidReference,
+    LinkError,
+    MountNotFound,
+    MountPointError,
+    NoMatchingPlatform,
+    NotFound,
+    NotServedLazily,
+    RangeNotSupported,
+    RegistryError,
     SnapshotError,
     SnapshotNotFound,
+    TruncatedResponse,
+    UnsupportedMediaType,
+    UsageError,
 )
 from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
@@ -42,22 +69,54 @@ MAX_MESSAGE_BYTES = 16 << 20
 #: Infos per List response message, as containerd's own snapshot service batches them.
 LIST_BATCH = 100
 
-_CODES: tuple[tuple[type[SnapshotError], grpc.StatusCode], ...] = (
-    (SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-)
+_S = grpc.StatusCode
+#: The gRPC status of every class of the exception tree (drawn in snapshotter.errors, with why).
+#: Every class has its own entry, so a new class needs a decision here (a test checks it).
+STATUS_CODES: dict[type[LazysnapError], grpc.StatusCode] = {
+    LazysnapError: _S.INTERNAL,
+    IntegrityError: _S.DATA_LOSS,
+    DigestMismatch: _S.DATA_LOSS,
+    # The call was well formed; the layer it names can't be served: a precondition, not an argument.
+    LayerFormatError: _S.FAILED_PRECONDITION,
+    UnsafePath: _S.FAILED_PRECONDITION,
+    TruncatedLayer: _S.FAILED_PRECONDITION,
+    IndexVersionError: _S.FAILED_PRECONDITION,
+    EstargzError: _S.FAILED_PRECONDITION,
+    RegistryError: _S.FAILED_PRECONDITION,
+    InvalidReference: _S.INVALID_ARGUMENT,
+    # containerd is trusted (0600 socket); it is the registry that refused our credentials.
+    AuthError: _S.PERMISSION_DENIED,
+    NotFound: _S.NOT_FOUND,
+    UnsupportedMediaType: _S.FAILED_PRECONDITION,
+    NoMatchingPlatform: _S.NOT_FOUND,
+    RangeNotSupported: _S.FAILED_PRECONDITION,
+    FetchError: _S.UNAVAILABLE,
+    FetchTimeout: _S.DEADLINE_EXCEEDED,
+    TruncatedResponse: _S.UNAVAILABLE,
+    ConfigError: _S.FAILED_PRECONDITION,
+    NotServedLazily: _S.FAILED_PRECONDITION,
+    UsageError: _S.INVALID_ARGUMENT,
+    MountPointError: _S.INVALID_ARGUMENT,
+    MountNotFound: _S.NOT_FOUND,
+    LinkError: _S.INVALID_ARGUMENT,
+    BenchRunError: _S.INTERNAL,
+    SnapshotError: _S.INTERNAL,
+    SnapshotNotFound: _S.NOT_FOUND,
+    AlreadyExists: _S.ALREADY_EXISTS,
+    FailedPrecondition: _S.FAILED_PRECONDITION,
+    InvalidArgument: _S.INVALID_ARGUMENT,
+}
 _KIND_TO_PB = {KIND_VIEW: pb.VIEW, KIND_ACTIVE: pb.ACTIVE, KIND_COMMITTED: pb.COMMITTED}
 _KIND_FROM_PB = {value: key for key, value in _KIND_TO_PB.items()}
 
 
-def status_code(error: SnapshotError) -> grpc.StatusCode:
-    """Return the gRPC status for a snapshot error (UNKNOWN for the bare base class); raises nothing."""
-    for cls, code in _CODES:
-        if isinstance(error, cls):
+def status_code(error: BaseException) -> grpc.StatusCode:
+    """Return the gRPC status for an error: its nearest class in STATUS_CODES, else INTERNAL; raises nothing."""
+    for cls in type(error).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
             return code
-    return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
 
 
 def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -99,13 +158,14 @@ class SnapshotsServicer:
     def _run(self, context: grpc.ServicerContext, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         try:
             return trio.from_thread.run(fn, *args, trio_token=self._token)
-        except SnapshotError as error:
-            context.abort(status_code(error), str(error))
         except (trio.RunFinishedError, trio.Cancelled):
             context.abort(grpc.StatusCode.UNAVAILABLE, "lazysnap is shutting down")
         except (LazysnapError, OSError) as error:
-            log.exception("snapshot call %s failed", getattr(fn, "__name__", fn))
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+            code = status_code(error)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("snapshot call %s failed", getattr(fn, "__name__", fn))
+                context.abort(code, f"{type(error).__name__}: {error}")
+            context.abort(code, str(error))
         raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
     def Prepare(

@@ -11,6 +11,7 @@ the stored indexes and the blob cache alone; the registry is only needed for byt
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,16 +25,15 @@ import trio
 from fusefs.mount import is_mounted, run_filesystem, unmount
 from fusefs.operations import ReadOnlyOperations
 from index.errors import LazysnapError
-from snapshotter.cache.blob_cache import BlobCache
+from snapshotter.cache.blob_cache import open_blob_cache
 from snapshotter.cache.index_store import IndexStore
 from snapshotter.config import Config
 from snapshotter.errors import FailedPrecondition, InvalidArgument
-from snapshotter.layers.chain import ChainCore, LayerRequest, ServeSettings, known_diff_id
+from snapshotter.layers.chain import ChainCore, LayerRequest, known_diff_id, serve_settings
 from snapshotter.layers.layer import Layer
 from snapshotter.layers.published import PublishedIndexes
-from snapshotter.remote.client import Descriptor, RegistryClient, ResolvedImage
+from snapshotter.remote.client import Descriptor, RegistryClient, ResolvedImage, open_registry_client
 from snapshotter.remote.reference import parse_reference, sha256_hex
-from snapshotter.remote.request import RetryPolicy
 from snapshotter.service.chain_ids import chain_ids
 from snapshotter.service.snapshot_service import RemoteLayers
 
@@ -268,34 +268,28 @@ async def fuse_remote_layers(config: Config) -> AsyncIterator[RemoteLayers | Non
         OSError: the FUSE filesystem could not be mounted.
     """
     root = Path(config.root)
-    mount_dir = Path(config.fuse.mount_directory or root / "fuse")
+    mount_dir = config.fuse_mount_path()
     if is_mounted(str(mount_dir)):
         # Left by a daemon that was killed: a dead FUSE mount ("transport endpoint is not connected").
         await trio.to_thread.run_sync(unmount, str(mount_dir))
     mount_dir.mkdir(parents=True, exist_ok=True)
-    cache = BlobCache(Path(config.cache.directory or root / "cache"))
-    store = IndexStore(root / "indexes")
+    cache = open_blob_cache(config)
+    store = IndexStore(config.index_store_path())
     try:
-        async with RegistryClient(
-            plain_http_hosts=config.registry.plain_http,
-            docker_config_path=config.registry.credentials_file or None,
-            timeout=config.fetch.timeout_seconds,
-            connect_timeout=config.fetch.connect_timeout_seconds,
-            max_connections=config.fetch.max_connections_per_host,
-            retry_policy=RetryPolicy(
-                max_retries=config.fetch.retries, base_delay=config.fetch.backoff_seconds
-            ),
-        ) as client:
+        async with open_registry_client(config) as client:
             operations = ReadOnlyOperations(timeout=config.fuse.entry_timeout_seconds)
-            settings = ServeSettings(
-                read_timeout=config.fuse.read_timeout_seconds,
-                background_fetch=config.background_fetch.enabled,
-                background_delay=config.background_fetch.delay_seconds,
-            )
             async with trio.open_nursery() as nursery:
-                await nursery.start(run_filesystem, operations, str(mount_dir))
-                core = ChainCore(client, cache, store, nursery, settings)
-                core.allow_fills()  # each layer waits background_delay after it is shown instead
+                await nursery.start(
+                    functools.partial(
+                        run_filesystem,
+                        max_tasks=config.fuse.max_tasks,
+                        read_ahead_kb=config.fuse.read_ahead_kb,
+                    ),
+                    operations,
+                    str(mount_dir),
+                )
+                core = ChainCore(client, cache, store, nursery, serve_settings(config))
+                core.allow_fills()  # each layer waits background_fetch.delay_seconds after it is shown instead
                 try:
                     yield FuseRemoteLayers(root, mount_dir, core, client, operations)
                 finally:

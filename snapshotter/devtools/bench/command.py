@@ -26,7 +26,14 @@ from snapshotter.devtools.bench.network import (
     parse_rate,
     registry_host,
 )
-from snapshotter.devtools.bench.report import LiveReport, summarize, summary_table, write_json, write_png
+from snapshotter.devtools.bench.report import (
+    LiveReport,
+    require_matplotlib,
+    summarize,
+    summary_table,
+    write_json,
+    write_png,
+)
 from snapshotter.devtools.bench.runner import (
     BenchContext,
     BenchRunError,
@@ -93,8 +100,9 @@ def run_bench(options: BenchOptions, console: Console) -> int:
     """Run the benchmark and write its results; return the CLI exit code.
 
     Raises:
-        UsageError: bad references, modes, rate or RTT, or not running as root.
+        UsageError: bad references, modes, rate or RTT, not running as root, no matplotlib.
     """
+    require_matplotlib()  # before minutes of runs, not when their chart is drawn
     if os.geteuid() != 0:
         raise UsageError("lazysnap bench needs root: it mounts (FUSE, overlayfs), chroots and drops caches")
     if options.repeat < 1:

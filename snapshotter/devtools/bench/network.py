@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import trio
 
-from snapshotter.errors import UsageError
+from snapshotter.errors import LinkError as LinkError  # re-exported: it was defined here
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$", re.IGNORECASE)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE)
 _RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-
-
-class LinkError(UsageError):
-    """The network profile can't be set up: a bad --rate/--rtt, or netns/veth/tc failed."""
 
 
 def parse_rate(text: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from snapshotter.devtools.bench.runner import RunResult
+from snapshotter.errors import UsageError
 
 BASELINE_MODE = "eager"
 
@@ -163,9 +165,25 @@ def write_json(
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
+BENCH_EXTRA_HINT = "lazysnap bench draws its charts with matplotlib: pip install 'lazysnap[bench]'"
+
+
+def require_matplotlib() -> None:
+    """Check that matplotlib (the ``bench`` extra) is installed, without importing it; raises UsageError."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(BENCH_EXTRA_HINT)
+
+
 def write_png(path: Path, summary: Sequence[dict[str, Any]], title: str) -> None:
-    """Write ``results.png``: median time to ready (min-max whiskers) and bytes fetched, per image and mode."""
-    import matplotlib
+    """Write ``results.png``: median time to ready (min-max whiskers) and bytes fetched, per image and mode.
+
+    Raises:
+        UsageError: matplotlib (the ``bench`` extra) is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError(BENCH_EXTRA_HINT) from None
 
     matplotlib.use("Agg")  # no display: render straight to a file
     import matplotlib.pyplot as plt

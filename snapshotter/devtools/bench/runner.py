@@ -43,6 +43,7 @@ from fusefs.mount import is_mounted
 from snapshotter.devtools.bench.network import Link
 from snapshotter.devtools.containerd_env import Containerd, containerd_available
 from snapshotter.devtools.containerd_stack import SNAPSHOTTER, LazysnapStack
+from snapshotter.errors import BenchRunError as BenchRunError  # re-exported: it was defined here
 
 LAZYSNAP = [sys.executable, "-m", "snapshotter.cli"]
 CHROOT_ENV = {
@@ -69,10 +70,6 @@ _MOUNT_FLAGS: dict[str, list[str]] = {
     "lazy+no-background-fetch": ["--no-background-fetch"],
     "lazy+stored-index": [],
 }
-
-
-class BenchRunError(RuntimeError):
-    """A step of a run failed; the message names the step and carries its output."""
 
 
 @dataclass

@@ -123,3 +123,20 @@ def test_link_profile_parsing() -> None:
         parse_rate("fast")
     with pytest.raises(LinkError, match="--rtt"):
         parse_duration("20")
+
+
+def test_bench_without_matplotlib_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without matplotlib, bench refuses at once in one line naming lazysnap[bench]."""
+    import importlib.util
+
+    from snapshotter.devtools.bench.report import require_matplotlib
+    from snapshotter.errors import UsageError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a),
+    )
+    with pytest.raises(UsageError, match=r"pip install 'lazysnap\[bench\]'"):
+        require_matplotlib()
