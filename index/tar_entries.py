@@ -22,6 +22,7 @@ import tarfile
 import zlib
 from typing import Any
 
+from index.entry_limits import entry_problem, shown
 from index.errors import LayerFormatError, TruncatedLayer, UnsafePath
 from index.model import Entry, EntryType
 from index.tar_header import (
@@ -53,9 +54,6 @@ from index.tar_header import (
 MAX_EXTENSION_SIZE = 1 << 20
 # No real layer holds a single file of 1 TiB; a larger size is a corrupt or hostile header.
 MAX_ENTRY_SIZE = 1 << 40
-# Linux ids are 32 bits: a negative or larger uid or gid cannot be chowned to, and pyfuse3
-# refuses to report it, so a mount would fail every stat of the entry.
-MAX_ID = 0xFFFF_FFFF
 
 _TYPES: dict[bytes, EntryType] = {
     tarfile.REGTYPE: EntryType.FILE,
@@ -334,8 +332,6 @@ class TarEntryParser:
             if kind == tarfile.GNUTYPE_SPARSE:
                 raise self._fail(f"{name!r} is a sparse file, which layers must not contain", offset)
             raise self._fail(f"{name!r} has unsupported type {kind!r}", offset)
-        if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):  # a standard header's octal ids always are
-            raise self._fail(f"{name!r} has owner {uid}:{gid}, not a Linux uid:gid (0 to {MAX_ID})", offset)
         self._append(
             offset, name, etype, mode, uid, gid, uname, gname, size, mtime_ns, link, xattrs,
             devmajor, devminor,
@@ -378,6 +374,11 @@ class TarEntryParser:
         entry.data_offset = data_offset
         entry.chunks = ()
         entry.__class__ = Entry
+        # Every field against what Linux allows (index.entry_limits): ids, sizes, times, device
+        # numbers, name lengths, xattrs. A layer the eager unpack cannot apply is refused here.
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise self._fail(f"{shown(name)} {problem}", offset)
         self.entries.append(entry)
         self._seen[path] = etype
 
