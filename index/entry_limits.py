@@ -24,7 +24,9 @@ The limits, and why:
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +47,10 @@ XATTR_LIST_MAX = 1 << 16
 # A str of this many characters encodes to at most NAME_MAX bytes (4 bytes a character at most):
 # the usual short path needs no encoding to know its components are short enough.
 _SURELY_SHORT = NAME_MAX // 4
+# A str of this many characters encodes to less than PATH_MAX bytes.
+_SURELY_SHORT_PATH = (PATH_MAX - 1) // 4
+# A run of characters that may encode to more than NAME_MAX bytes, within one path component.
+_LONG_COMPONENT = re.compile(f"[^/]{{{_SURELY_SHORT + 1}}}")
 _SHOWN = 300  # characters of a name quoted in a message
 # The integer fields of an entry and their ranges, for columns_plainly_fine.
 _COLUMN_RANGES = (
@@ -151,17 +157,29 @@ def columns_plainly_fine(columns: Mapping[str, Sequence[Any]]) -> bool:
     """Whether entry columns (field name to values, as a stored index holds them) are plainly within the limits.
 
     A C-speed screen for a whole index: True means ``entry_problem`` finds nothing in any entry
-    on these fields; False means some value needs a closer look (or has the wrong type).
+    on these fields; False means some value needs a closer look. Numbers are compared, not
+    type-checked: the caller refuses floats when it parses (``bool`` passes, as the int it is).
     """
-    for field, low, high in _COLUMN_RANGES:
-        values = columns.get(field, ())
-        if values and not (set(map(type, values)) == {int} and low <= min(values) and max(values) <= high):
+    try:
+        for field, low, high in _COLUMN_RANGES:
+            values = columns.get(field, ())
+            if values and not (low <= min(values) and max(values) <= high):
+                return False
+        paths, targets = columns.get("path", ()), columns.get("link_target", ())
+        if (paths and max(map(len, paths)) > _SURELY_SHORT_PATH) or (
+            targets and max(map(len, targets)) > _SURELY_SHORT_PATH
+        ):
             return False
-    for field in ("path", "link_target"):
-        values = columns.get(field, ())
-        if values and not (set(map(type, values)) == {str} and max(map(len, values)) <= _SURELY_SHORT):
-            return False
-    return True
+        joined, linked = "/".join(paths), "".join(targets)  # TypeError unless all are str
+    except TypeError:  # a column of another type than its field's
+        return False
+    # Only a path longer than a component can be has to be looked into for one.
+    long_paths = "/".join(itertools.compress(paths, map(_SURELY_SHORT.__lt__, map(len, paths))))
+    if "\x00" in joined or "\x00" in linked or _LONG_COMPONENT.search(long_paths):
+        return False
+    # An empty symlink target is the one thing entry_problem refuses that no range shows.
+    symlink_targets = itertools.compress(targets, map("symlink".__eq__, columns.get("type", ())))
+    return "" not in symlink_targets
 
 
 def chunk_problem(chunk: Chunk) -> str | None:

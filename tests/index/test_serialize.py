@@ -61,7 +61,7 @@ def sample_index(n: int = 50) -> LayerIndex:
         "sha256:" + "1" * 64,
         123456,
         "sha256:" + "2" * 64,
-        999999,
+        99_999_999,
         entries,
         points,
         65536,
