@@ -125,16 +125,16 @@ def _number_problem(entry: Entry) -> str:
     if not (0 <= entry.uid <= MAX_ID and 0 <= entry.gid <= MAX_ID):
         return f"has owner {entry.uid}:{entry.gid}, not a Linux uid:gid (0 to {MAX_ID})"
     checks = (
-        ("size", entry.size, 0, MAX_SIZE, "not a 64-bit file size"),
-        ("mode", entry.mode, 0, MAX_MODE, "not permission bits (0 to 0o7777)"),
-        ("mtime", entry.mtime_ns, MTIME_NS_START, MTIME_NS_END - 1, "ns, beyond 64-bit nanoseconds"),
-        ("device major", entry.devmajor, 0, MAX_DEV_MAJOR, f"beyond Linux's (0 to {MAX_DEV_MAJOR})"),
-        ("device minor", entry.devminor, 0, MAX_DEV_MINOR, f"beyond Linux's (0 to {MAX_DEV_MINOR})"),
-        ("data offset", entry.data_offset, -1, MAX_SIZE, "not a 64-bit offset"),
+        ("size", entry.size, 0, MAX_SIZE, ", not a 64-bit file size"),
+        ("mode", entry.mode, 0, MAX_MODE, ", not permission bits (0 to 0o7777)"),
+        ("mtime", entry.mtime_ns, MTIME_NS_START, MTIME_NS_END - 1, " ns, beyond 64-bit nanoseconds"),
+        ("device major", entry.devmajor, 0, MAX_DEV_MAJOR, f", beyond Linux's (0 to {MAX_DEV_MAJOR})"),
+        ("device minor", entry.devminor, 0, MAX_DEV_MINOR, f", beyond Linux's (0 to {MAX_DEV_MINOR})"),
+        ("data offset", entry.data_offset, -1, MAX_SIZE, ", not a 64-bit offset"),
     )
     for field, value, low, high, meaning in checks:
         if not low <= value <= high:
-            return f"has {field} {value}, {meaning}"
+            return f"has {field} {value}{meaning}"
     return "has a numeric field out of range"  # not reached: the caller found one
 
 

@@ -92,7 +92,7 @@ _FILE, _DIR, _HARDLINK = EntryType.FILE, EntryType.DIR, EntryType.HARDLINK
 def normalize_path(name: str) -> str:
     """Return ``name`` relative to the layer root with ``.``/``..`` resolved inside it; raises UnsafePath on NUL."""
     if "\x00" in name:
-        raise UnsafePath(f"entry name {name!r} contains a NUL byte")
+        raise UnsafePath(f"entry name {shown(name)} contains a NUL byte")
     wrapped = f"/{name}/"
     if "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped:
         return name  # no empty, "." or ".." component: already normal, as almost every name is
@@ -350,7 +350,10 @@ class TarEntryParser:
             data_offset = offset + BLOCK
         else:
             size = 0  # like Go's archive/tar, header-only types carry no data whatever the size says
-        path = normalize_path(name)
+        try:
+            path = normalize_path(name)
+        except UnsafePath as exc:
+            raise UnsafePath(f"layer {self.layer}: tar entry at byte {offset}: {exc}") from None
         if path == "" and etype is not _DIR:
             raise UnsafePath(
                 f"layer {self.layer}: entry {name!r} at byte {offset} would replace the layer root"
