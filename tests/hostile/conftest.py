@@ -17,14 +17,17 @@ from typing import Any
 
 import pytest
 
-from index.model import Entry
+from index.estargz import TOC_NAME, read_estargz_index
+from index.model import Entry, LayerIndex
 from index.serialize import FORMAT_VERSION, MAGIC
 from index.tar_entries import TarEntryParser
 from tests.fusefs.conftest import mountpoint
+from tests.support.estargz_writer import EstargzBlob, footer, gzip_member
 
 __all__ = ["mountpoint"]
 
 LAYER = "sha256:hostile"
+GZIP_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 BLOCK = 512
 _DEFAULT_FIELDS = {
     "mode": b"0000644\0",
@@ -120,3 +123,24 @@ def eager_root(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "eager"
     root.mkdir()
     yield root
+
+
+def with_toc(blob: EstargzBlob, toc: dict[str, Any]) -> EstargzBlob:
+    """``blob`` with its TOC member replaced by one holding ``toc`` (the file data members kept)."""
+    toc_json = json.dumps(toc).encode()
+    info = tarfile.TarInfo(TOC_NAME)
+    info.size = len(toc_json)
+    member = gzip_member(info.tobuf() + toc_json + bytes(-len(toc_json) % BLOCK + 2 * BLOCK))
+    data = blob.blob[: blob.toc_offset] + member + footer(blob.toc_offset)
+    return EstargzBlob(data, toc_json, blob.toc_offset, b"")
+
+
+async def estargz_index(blob: EstargzBlob) -> LayerIndex:
+    """The index read_estargz_index gives for ``blob``, its TOC checked against its own digest."""
+
+    async def read_range(offset: int, length: int) -> bytes:
+        return blob.blob[offset : offset + length]
+
+    return await read_estargz_index(
+        read_range, len(blob.blob), digest=blob.digest, media_type=GZIP_MEDIA_TYPE, toc_digest=blob.toc_digest
+    )
