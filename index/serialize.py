@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -145,6 +146,8 @@ _SCALARS: dict[str, type] = {
     **dict.fromkeys(("compressed_size", "uncompressed_size", "span_size"), int),
 }
 
+_KIND_NAMES = {str: "a string", int: "an integer from 0 to 2**63 - 1"}
+
 
 def _check_meta(meta: Any) -> None:
     """Check the types and ranges of the metadata's scalar fields, seek points and span digests; raises _Invalid."""
@@ -154,7 +157,7 @@ def _check_meta(meta: Any) -> None:
         value = meta.get(key)
         fits = type(value) is str if kind is str else type(value) is int and 0 <= value <= MAX_SIZE
         if not fits:
-            raise _Invalid(f"field {key} is {shown(repr(value))}, not a {kind.__name__} in range")
+            raise _Invalid(f"field {key} is {repr(value)[:80]}, not {_KIND_NAMES[kind]}")
     points, digests = meta.get("points"), meta.get("span_digests")
     if type(points) is not list or type(digests) is not list:
         raise _Invalid("is malformed: points or span_digests is not a list")
@@ -231,7 +234,7 @@ def _entries(cols: dict[str, Any]) -> list[Entry]:
         raise ValueError("entry columns of different lengths")
     entries = list(map(Entry, *columns))
     # The whole columns at C speed first; one entry at a time only when something needs a look.
-    if not (columns_plainly_fine(cols) and _plainly_normal(cols["path"])):
+    if not (columns_plainly_fine(cols) and _plainly_normal(cols)):
         for entry in entries:
             _check_entry(entry)
     for i in (*map(int, cols["xattrs"]), *map(int, cols["chunks"])):
@@ -248,10 +251,12 @@ def _bad_chunk(chunk: Any) -> Chunk:
     raise _Invalid(f"chunk {shown(repr(chunk))} is not five integers and a digest")
 
 
-def _plainly_normal(paths: list[str]) -> bool:
-    """Whether every path is already normalized (no empty, ``.`` or ``..`` component), at C speed."""
+def _plainly_normal(cols: dict[str, Any]) -> bool:
+    """Whether every path and hardlink target is already normalized (no empty, ``.`` or ``..`` component), at C speed."""
+    paths = cols["path"]
+    targets = itertools.compress(cols["link_target"], map("hardlink".__eq__, cols["type"]))
     # The root is the one legitimately empty path; "/\n/" joins the others without forming "//".
-    joined = "/" + "/\n/".join(filter(None, paths)) + "/"
+    joined = "/" + "/\n/".join(itertools.chain(filter(None, paths), targets)) + "/"
     return "//" not in joined and "/./" not in joined and "/../" not in joined
 
 
