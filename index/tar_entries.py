@@ -227,7 +227,11 @@ class TarEntryParser:
             or not _NAME_AND_TIME_KEYS.issuperset(records)
             or (posix and data[pos + 345])  # a name prefix
         ):
-            self._add_entry(standard_header(data, pos, fields), self._offset + pos)
+            try:  # a device's numbers are decoded only now, and may be no number at all
+                info = standard_header(data, pos, fields)
+            except ValueError as exc:
+                raise self._fail(f"invalid header ({exc})", self._offset + pos) from None
+            self._add_entry(info, self._offset + pos)
             return
         # What _add_entry(standard_header(...)) does for the common entry, in fewer steps.
         mtime_ns = known_mtime_ns(mtime) or standard_mtime_ns(mtime)

@@ -31,7 +31,13 @@ BROKEN = Entry("d/broken-xattrs", T.FILE, xattrs=None)  # type: ignore[arg-type]
 
 def _trees() -> tuple[MergedTree, MergedTree, MemorySource]:
     good = [Entry("", T.DIR, 0o755), Entry("d", T.DIR, 0o755), Entry("d/ok", T.FILE, 0o644, size=5)]
-    bad = [*good, *HOSTILE.values(), Entry("d/" + LONG_NAME, T.FILE, size=1), BROKEN, Entry("d/zz-last", T.FILE, size=4)]
+    bad = [
+        *good,
+        *HOSTILE.values(),
+        Entry("d/" + LONG_NAME, T.FILE, size=1),
+        BROKEN,
+        Entry("d/zz-last", T.FILE, size=4),
+    ]
     data = {(0, "d/ok"): b"hello", (0, "d/zz-last"): b"last"}
     return MergedTree.build([bad]), MergedTree.build([good]), MemorySource(data)
 

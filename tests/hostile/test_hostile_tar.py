@@ -85,6 +85,13 @@ REFUSED: list[tuple[str, bytes, type[LayerFormatError], str]] = [
         LayerFormatError,
         r"'dev/c' has device minor -1",
     ),
+    # Found by the fuzzer: a device's numbers, decoded late on the fast path, raised a bare ValueError.
+    (
+        "char-major-not-octal",
+        header(b"dev/c", kind=b"3", devmajor=b"00x0000\0"),
+        LayerFormatError,
+        r"invalid header",
+    ),
     ("uid-not-octal", header(b"f", uid=b"00009x9\0"), LayerFormatError, r"invalid header"),
     ("mode-not-octal", header(b"f", mode=b"0000999\0"), LayerFormatError, r"invalid header"),
     ("size-not-octal", header(b"f", size=b"0000000z000\0"), LayerFormatError, r"invalid header"),
