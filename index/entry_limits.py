@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from index.model import Chunk, Entry, EntryType
@@ -199,3 +199,8 @@ def chunk_problem(chunk: Chunk) -> str | None:
     if chunk.blob_end <= chunk.blob_offset:
         return f"has a chunk whose blob range {chunk.blob_offset}..{chunk.blob_end} is empty"
     return None
+
+
+def chunks_problem(chunks: Iterable[Chunk]) -> str | None:
+    """Return the first ``chunk_problem`` of ``chunks``, or None; never raises."""
+    return next(filter(None, map(chunk_problem, chunks)), None)

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from index.entry_limits import chunk_problem, entry_problem, shown
+from index.entry_limits import chunks_problem, entry_problem, shown
 from index.errors import DigestMismatch, LayerFormatError, UnsafePath
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex
 from index.tar_entries import normalize_path
@@ -454,9 +454,7 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
             major, minor, -1, chunks,
         )  # fmt: skip
         # Every field against what Linux allows (index.entry_limits), the same rules as for tar.
-        problem = entry_problem(entry)
-        for chunk in chunks:
-            problem = problem or chunk_problem(chunk)
+        problem = entry_problem(entry) or chunks_problem(chunks)
         if problem is not None:
             raise ValueError(f"entry {shown(path)} {problem}")
         entries.append(entry)

@@ -31,10 +31,9 @@ from typing import Any
 import zstandard
 
 from index.consistency import entry_ranges_problem
-from index.entry_limits import MAX_SIZE, chunk_problem, columns_plainly_fine, entry_problem, shown
+from index.entry_limits import MAX_SIZE, chunks_problem, columns_plainly_fine, entry_problem, shown
 from index.errors import IndexVersionError, LayerFormatError
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex, SeekPoint
-from index.tar_entries import normalize_path
 
 MAGIC = b"LZSNAPIX"
 FORMAT_VERSION = 2  # 2: windows compressed with zstd instead of zlib
@@ -237,9 +236,20 @@ def _entries(cols: dict[str, Any]) -> list[Entry]:
     if not (columns_plainly_fine(cols) and _plainly_normal(cols)):
         for entry in entries:
             _check_entry(entry)
-    for i in (*map(int, cols["xattrs"]), *map(int, cols["chunks"])):
-        _check_entry(entries[i])
+        return entries
+    # The screen does not look into xattrs and chunks, which few entries have (but every file of
+    # an eStargz index): those are checked on their own, without the rest of the entry again.
+    for i in map(int, cols["xattrs"]):
+        _refuse(entries[i], entry_problem(entries[i]))
+    for i in map(int, cols["chunks"]):
+        _refuse(entries[i], chunks_problem(entries[i].chunks))
     return entries
+
+
+def _refuse(entry: Entry, problem: str | None) -> None:
+    """Raise _Invalid naming ``entry`` when there is a ``problem``."""
+    if problem is not None:
+        raise _Invalid(f"entry {shown(entry.path)} {problem}")
 
 
 _CHUNK_TYPES = (int, int, int, int, int, str)
@@ -262,6 +272,10 @@ def _plainly_normal(cols: dict[str, Any]) -> bool:
 
 def _check_entry(entry: Entry) -> None:
     """Check one loaded entry's types, path and fields (``index.entry_limits``); raises _Invalid."""
+    # Imported here: the tar parser (tarfile, decimal) is needed only when the screen of a whole
+    # index found something, not on a mount's start-up from stored indexes.
+    from index.tar_entries import normalize_path
+
     where = f"entry {shown(entry.path) if type(entry.path) is str else repr(entry.path)[:80]}"
     for field in _INT_FIELDS:
         if type(getattr(entry, field)) is not int:
@@ -273,11 +287,7 @@ def _check_entry(entry: Entry) -> None:
         raise _Invalid(f"{where} has a path that is not normalized")
     if entry.type is EntryType.HARDLINK and normalize_path(entry.link_target) != entry.link_target:
         raise _Invalid(f"{where} has a hardlink target that is not a normalized path")
-    problem = entry_problem(entry)
-    for chunk in entry.chunks:
-        problem = problem or chunk_problem(chunk)
-    if problem is not None:
-        raise _Invalid(f"{where} {problem}")
+    _refuse(entry, entry_problem(entry) or chunks_problem(entry.chunks))
 
 
 def save_index(path: str | os.PathLike[str], index: LayerIndex) -> None:
