@@ -12,19 +12,25 @@ is never reused, so a removed tree's inodes can't be confused with a newer tree'
 Layers never change, so entries and attributes are cached by the kernel for long and open
 files keep their page cache. Handlers never block: file bytes come from an async
 ``ContentSource``.
+
+No request can take the daemon down: every handler runs under ``_errno_on_failure``, which turns
+an unexpected exception into an errno for that request (EOVERFLOW for a value the kernel's
+attributes cannot hold, EIO otherwise) and logs it with the stable key ``fuse-op-failed``; one
+daemon serves every container's root filesystem, and one bad entry must cost only itself.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
+import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import pyfuse3
 import trio
@@ -44,6 +50,10 @@ DEFAULT_TIMEOUT = 3600.0
 # The forest root changes when trees come and go; its attributes are kept only briefly.
 FOREST_ROOT_TIMEOUT = 1.0
 BLOCK_SIZE = 4096
+NAME_MAX = 255  # bytes of one name: the kernel's limit, and what fits a readdir reply
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _TYPE_BITS = {
     EntryType.FILE: stat.S_IFREG,
@@ -107,6 +117,38 @@ def _size(entry: Entry) -> int:
     if entry.type is EntryType.DIR:
         return BLOCK_SIZE
     return 0
+
+
+def _errno_on_failure(
+    handler: Callable[Concatenate[ReadOnlyOperations, P], Awaitable[R]],
+) -> Callable[Concatenate[ReadOnlyOperations, P], Awaitable[R]]:
+    """Wrap a FUSE handler so that any exception but FUSEError becomes FUSEError for this request, logged."""
+
+    @functools.wraps(handler)
+    async def guarded(self: ReadOnlyOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OverflowError:
+            # A value the kernel's attributes cannot hold (a loaded index is checked, but a tree
+            # may come from elsewhere): this request fails, the daemon goes on.
+            log.exception("fuse-op-failed op=%s args=%.200r errno=EOVERFLOW", handler.__name__, args)
+            raise pyfuse3.FUSEError(errno.EOVERFLOW) from None
+        except Exception:
+            log.exception("fuse-op-failed op=%s args=%.200r errno=EIO", handler.__name__, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+def _hint(owner: _Tree, call: Callable[[Prefetcher], None]) -> None:
+    """Tell each prefetcher of ``owner`` about a request; a prefetcher's failure never reaches the request."""
+    for prefetcher in owner.prefetchers:
+        try:
+            call(prefetcher)
+        except Exception:  # a hint only: the request itself fetches what it needs
+            log.exception("prefetch-hint-failed tree=%s prefetcher=%s", owner.name, type(prefetcher).__name__)
 
 
 class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 is untyped here
@@ -242,10 +284,13 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         """Note that the kernel is connected, so entries may be invalidated from now on."""
         self._live = True
 
+    @_errno_on_failure
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        """Find ``name`` in a directory; raises FUSEError(ENOENT/ENOTDIR)."""
+        """Find ``name`` in a directory; raises FUSEError(ENOENT/ENOTDIR/ENAMETOOLONG)."""
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if self._is_forest_root(parent_inode):
             if name in (b".", b".."):
                 return self._forest_root_attrs()
@@ -268,15 +313,18 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attrs(owner, child)
 
+    @_errno_on_failure
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """Attributes of an inode; raises FUSEError(ENOENT) for an unknown one."""
         if self._is_forest_root(inode):
             return self._forest_root_attrs()
         return self._attrs(*self._resolve(inode))
 
+    @_errno_on_failure
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Nothing to do: trees are immutable and live as long as they are shown."""
 
+    @_errno_on_failure
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         """The target of a symlink; raises FUSEError(EINVAL) for anything else."""
         if self._is_forest_root(inode):
@@ -286,6 +334,7 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.entry.link_target)
 
+    @_errno_on_failure
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         """One extended attribute; raises FUSEError(ENOATTR) when absent, ENOSYS when no file has any."""
         if self._xattrs_unsupported:
@@ -297,6 +346,7 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
                 return value
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
+    @_errno_on_failure
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         """The names of an inode's extended attributes; raises FUSEError(ENOENT) for an unknown inode."""
         if self._is_forest_root(inode):
@@ -304,6 +354,7 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         _, node = self._resolve(inode)
         return [os.fsencode(key) for key in node.entry.xattrs]
 
+    @_errno_on_failure
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         """Totals over every tree shown: nothing free, since nothing can be written."""
         data = pyfuse3.StatvfsData()
@@ -316,6 +367,7 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
 
     # -- directories ---------------------------------------------------------------------
 
+    @_errno_on_failure
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         """Snapshot a directory's listing for readdir; raises FUSEError(ENOTDIR/ENOENT)."""
         listing: list[tuple[bytes, _Tree | None, Node | None]]
@@ -330,6 +382,7 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         self._dirs[fh] = listing
         return fh
 
+    @_errno_on_failure
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """List entries from position ``start_id`` on; next_id is the position after each entry."""
         listing = self._dirs.get(fh)
@@ -338,15 +391,33 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         for position in range(start_id, len(listing)):
             name, owner, node = listing[position]
             assert owner is not None and node is not None
-            if not pyfuse3.readdir_reply(token, name, self._attrs(owner, node), position + 1):
+            attrs = self._listed_attrs(name, owner, node)
+            if attrs is not None and not pyfuse3.readdir_reply(token, name, attrs, position + 1):
                 return
 
+    def _listed_attrs(self, name: bytes, owner: _Tree, node: Node) -> pyfuse3.EntryAttributes | None:
+        """The attributes of one listed entry, or None (logged) to leave it out of the listing."""
+        # A name too long for any reply would stop the listing right there: the kernel takes a
+        # reply without entries for the end of the directory, and every later entry would vanish.
+        if len(name) > NAME_MAX:
+            log.error(
+                "entry-unservable tree=%s path=%s: name of %d bytes", owner.name, node.entry.path, len(name)
+            )
+            return None
+        try:
+            return self._attrs(owner, node)
+        except Exception:  # its own lookup answers the errno; the rest of the directory is listed
+            log.exception("entry-unservable tree=%s path=%s", owner.name, node.entry.path)
+            return None
+
+    @_errno_on_failure
     async def releasedir(self, fh: int) -> None:
         """Drop a directory handle's listing."""
         self._dirs.pop(fh, None)
 
     # -- files -----------------------------------------------------------------------------
 
+    @_errno_on_failure
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         """Open a file for reading with the page cache kept; raises FUSEError(EROFS) for any write access."""
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND | os.O_CREAT):
@@ -359,12 +430,12 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         fh = self._new_fh()
         self._files[fh] = (owner, node)
         owner.open_files += 1
-        for prefetcher in owner.prefetchers:
-            prefetcher.note_open(node, ctx.pid)
+        _hint(owner, lambda prefetcher: prefetcher.note_open(node, ctx.pid))
         # keep_cache: the bytes of an immutable layer never go stale, so reopening a file must
         # not throw its pages away.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
+    @_errno_on_failure
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """Read from an open file via its content source; raises FUSEError(EIO) when the source fails."""
         found = self._files.get(fh)
@@ -375,8 +446,7 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
         length = min(size, entry.size - off)
         if length <= 0 or entry.type is not EntryType.FILE:
             return b""
-        for prefetcher in owner.prefetchers:
-            prefetcher.before_read(node, off)
+        _hint(owner, lambda prefetcher: prefetcher.before_read(node, off))
         try:
             data = await owner.source.read(node.layer, entry, off, length)
         except LazysnapError as error:
@@ -410,10 +480,10 @@ class ReadOnlyOperations(pyfuse3.Operations):  # type: ignore[misc]  # pyfuse3 i
                 length,
             )
             raise pyfuse3.FUSEError(errno.EIO)
-        for prefetcher in owner.prefetchers:
-            prefetcher.note_read(node, off, data)
+        _hint(owner, lambda prefetcher: prefetcher.note_read(node, off, data))
         return data
 
+    @_errno_on_failure
     async def release(self, fh: int) -> None:
         """Forget an open file handle (the last one of a removed tree retires it)."""
         found = self._files.pop(fh, None)

@@ -33,9 +33,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from index.entry_limits import chunks_problem, entry_problem, shown
 from index.errors import DigestMismatch, LayerFormatError, UnsafePath
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex
-from index.tar_entries import MAX_ID, normalize_path
+from index.tar_entries import normalize_path
 
 ReadRange = Callable[[int, int], Awaitable[bytes]]
 
@@ -311,8 +312,6 @@ def _checked(record: Any) -> Mapping[str, Any]:
             raise ValueError(f"{key} is not a non-negative integer: {value!r}")
         if expected is str and type(value) is not str:
             raise ValueError(f"{key} is not a string: {value!r}")
-        if key in ("uid", "gid") and value > MAX_ID:
-            raise ValueError(f"{key} {value} is not a Linux user or group id")
     return record
 
 
@@ -431,7 +430,6 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
             type(mode) is type(uid) is type(gid) is type(size) is type(major) is type(minor) is int
             and type(link) is type(uname) is type(gname) is type(modtime) is str
             and min(mode, uid, gid, size, major, minor) >= 0
-            and max(uid, gid) <= MAX_ID
         ):
             raise _bad_field(record)
         if kind is EntryType.HARDLINK:
@@ -442,6 +440,8 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
         seen[path] = kind
         if kind is not EntryType.FILE:
             size = 0
+        if kind is not EntryType.CHAR and kind is not EntryType.BLOCK:
+            major = minor = 0  # as a tar header's, read only for devices (and so by the eager unpack)
         chunks: tuple[Chunk, ...] = ()
         if size:
             chunks, position = _file_chunks(records, position - 1, path, size, ends)
@@ -449,12 +449,15 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
         if mtime_ns is None:
             mtime_ns = modtimes[modtime] = parse_modtime(modtime) if modtime else 0
         # Positional: this runs once per entry and keyword calls cost measurably more.
-        entries.append(
-            Entry(
-                path, kind, mode & 0o7777, uid, gid, uname, gname, size, mtime_ns, link, _xattrs(record),
-                major, minor, -1, chunks,
-            )
+        entry = Entry(
+            path, kind, mode & 0o7777, uid, gid, uname, gname, size, mtime_ns, link, _xattrs(record),
+            major, minor, -1, chunks,
         )  # fmt: skip
+        # Every field against what Linux allows (index.entry_limits), the same rules as for tar.
+        problem = entry_problem(entry) or chunks_problem(chunks)
+        if problem is not None:
+            raise ValueError(f"entry {shown(path)} {problem}")
+        entries.append(entry)
     return entries, prefetch_count, prefetch_end
 
 

@@ -150,7 +150,14 @@ def max_span_size(index: LayerIndex) -> int:
 
 
 def is_randomly_accessible(index: LayerIndex, max_span: int = DEFAULT_MAX_SPAN) -> bool:
-    """Tell whether every byte of the layer can be read by decoding at most ``max_span`` bytes (false for single-frame zstd)."""
+    """Tell whether a LayerReader can serve the layer in place: tar, eStargz, and gzip/zstd whose spans decode to at most ``max_span`` bytes."""
+    # eStargz always: each chunk is its own gzip member, decoded on its own whatever its size
+    # (a 20 MiB file in one chunk is legal and common), and its entries keep their bytes in
+    # chunks, not at tar offsets, so the fallback for an unseekable layer (decompress the blob
+    # to a local tar, read files at their data offsets) could not serve them: it read chunk
+    # offsets of the compressed blob from the uncompressed tar ("incorrect header check").
+    if index.format is LayerFormat.ESTARGZ:
+        return True
     return max_span_size(index) <= max_span
 
 

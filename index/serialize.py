@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -29,6 +30,8 @@ from typing import Any
 
 import zstandard
 
+from index.consistency import entry_ranges_problem
+from index.entry_limits import MAX_SIZE, chunks_problem, columns_plainly_fine, entry_problem, shown
 from index.errors import IndexVersionError, LayerFormatError
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex, SeekPoint
 
@@ -106,7 +109,9 @@ def load_index(data: bytes) -> LayerIndex:
             "stored layer index is corrupt (checksum mismatch); discard it and rebuild the index"
         )
     try:
-        return _parse_body(body)
+        index = _parse_body(body)
+    except _Invalid as exc:
+        raise LayerFormatError(f"stored layer index {exc}; discard it and rebuild the index") from None
     except (
         ValueError,
         KeyError,
@@ -118,6 +123,51 @@ def load_index(data: bytes) -> LayerIndex:
     ) as exc:
         # A checksummed body that still does not parse was written by a buggy or hostile producer.
         raise LayerFormatError(f"stored layer index is malformed ({exc!r}); rebuild the index") from None
+    problem = entry_ranges_problem(index)
+    if problem is not None:
+        raise LayerFormatError(
+            f"stored layer index of {index.digest}: {problem}; discard it and rebuild the index"
+        )
+    return index
+
+
+def _no_float(text: str) -> Any:
+    raise _Invalid(f"holds a number that is not an integer: {text[:40]!r}")
+
+
+class _Invalid(Exception):
+    """A field of a stored index that parsed but holds what no index can (message: what and where)."""
+
+
+# The metadata's scalar fields and their JSON types; sizes must also be 0..MAX_SIZE.
+_SCALARS: dict[str, type] = {
+    **dict.fromkeys(("media_type", "format", "digest", "diff_id", "toc_digest"), str),
+    **dict.fromkeys(("compressed_size", "uncompressed_size", "span_size"), int),
+}
+
+_KIND_NAMES = {str: "a string", int: "an integer from 0 to 2**63 - 1"}
+
+
+def _check_meta(meta: Any) -> None:
+    """Check the types and ranges of the metadata's scalar fields, seek points and span digests; raises _Invalid."""
+    if type(meta) is not dict:
+        raise _Invalid("is malformed: its metadata is not an object")
+    for key, kind in _SCALARS.items():
+        value = meta.get(key)
+        fits = type(value) is str if kind is str else type(value) is int and 0 <= value <= MAX_SIZE
+        if not fits:
+            raise _Invalid(f"field {key} is {repr(value)[:80]}, not {_KIND_NAMES[kind]}")
+    points, digests = meta.get("points"), meta.get("span_digests")
+    if type(points) is not list or type(digests) is not list:
+        raise _Invalid("is malformed: points or span_digests is not a list")
+    for i, point in enumerate(points):
+        if type(point) is not list or len(point) != 4 or {type(v) for v in point} != {int}:
+            raise _Invalid(f"seek point {i} is not four integers")
+        coff, uoff, bits, wlen = point
+        if not (0 <= coff <= MAX_SIZE and 0 <= uoff <= MAX_SIZE and 0 <= bits <= 7 and wlen >= 0):
+            raise _Invalid(f"seek point {i} {point} is out of range")
+    if not all(type(d) is str for d in digests):
+        raise _Invalid("is malformed: a span digest is not a string")
 
 
 def _parse_body(body: memoryview) -> LayerIndex:
@@ -127,7 +177,9 @@ def _parse_body(body: memoryview) -> LayerIndex:
     raw = inflater.decompress(body[_U32.size : pos], _MAX_META)
     if inflater.unconsumed_tail or not inflater.eof:
         raise ValueError("metadata is larger than any real index or truncated")
-    meta = json.loads(raw)
+    # No float or NaN anywhere: the writer never writes one, and the checks count on integers.
+    meta = json.loads(raw, parse_float=_no_float, parse_constant=_no_float)
+    _check_meta(meta)
     points = []
     decompress = zstandard.ZstdDecompressor().decompress
     for coff, uoff, bits, wlen in meta["points"]:
@@ -163,10 +215,12 @@ def _entries(cols: dict[str, Any]) -> list[Entry]:
     n = len(cols["path"])
     xattrs: list[dict[str, bytes]] = [{} for _ in range(n)]
     for i, x in cols["xattrs"].items():
-        xattrs[int(i)] = {k: base64.b64decode(v) for k, v in x.items()}
+        xattrs[int(i)] = {str(k): base64.b64decode(v, validate=True) for k, v in x.items()}
     chunks: list[tuple[Chunk, ...]] = [()] * n
     for i, cs in cols["chunks"].items():
-        chunks[int(i)] = tuple(Chunk(*c) for c in cs)
+        chunks[int(i)] = tuple(
+            Chunk(*c) if tuple(map(type, c)) == _CHUNK_TYPES else _bad_chunk(c) for c in cs
+        )
     types = [_TYPES[t] for t in cols["type"]]
     c = cols
     # map() over the columns calls Entry in a C loop: loading 10,000 entries is dominated by
@@ -177,7 +231,63 @@ def _entries(cols: dict[str, Any]) -> list[Entry]:
     )
     if any(len(col) != n for col in columns):
         raise ValueError("entry columns of different lengths")
-    return list(map(Entry, *columns))
+    entries = list(map(Entry, *columns))
+    # The whole columns at C speed first; one entry at a time only when something needs a look.
+    if not (columns_plainly_fine(cols) and _plainly_normal(cols)):
+        for entry in entries:
+            _check_entry(entry)
+        return entries
+    # The screen does not look into xattrs and chunks, which few entries have (but every file of
+    # an eStargz index): those are checked on their own, without the rest of the entry again.
+    for i in map(int, cols["xattrs"]):
+        _refuse(entries[i], entry_problem(entries[i]))
+    for i in map(int, cols["chunks"]):
+        _refuse(entries[i], chunks_problem(entries[i].chunks))
+    return entries
+
+
+def _refuse(entry: Entry, problem: str | None) -> None:
+    """Raise _Invalid naming ``entry`` when there is a ``problem``."""
+    if problem is not None:
+        raise _Invalid(f"entry {shown(entry.path)} {problem}")
+
+
+_CHUNK_TYPES = (int, int, int, int, int, str)
+_INT_FIELDS = ("mode", "uid", "gid", "size", "mtime_ns", "devmajor", "devminor", "data_offset")
+_STR_FIELDS = ("path", "uname", "gname", "link_target")
+
+
+def _bad_chunk(chunk: Any) -> Chunk:
+    raise _Invalid(f"chunk {shown(repr(chunk))} is not five integers and a digest")
+
+
+def _plainly_normal(cols: dict[str, Any]) -> bool:
+    """Whether every path and hardlink target is already normalized (no empty, ``.`` or ``..`` component), at C speed."""
+    paths = cols["path"]
+    targets = itertools.compress(cols["link_target"], map("hardlink".__eq__, cols["type"]))
+    # The root is the one legitimately empty path; "/\n/" joins the others without forming "//".
+    joined = "/" + "/\n/".join(itertools.chain(filter(None, paths), targets)) + "/"
+    return "//" not in joined and "/./" not in joined and "/../" not in joined
+
+
+def _check_entry(entry: Entry) -> None:
+    """Check one loaded entry's types, path and fields (``index.entry_limits``); raises _Invalid."""
+    # Imported here: the tar parser (tarfile, decimal) is needed only when the screen of a whole
+    # index found something, not on a mount's start-up from stored indexes.
+    from index.tar_entries import normalize_path
+
+    where = f"entry {shown(entry.path) if type(entry.path) is str else repr(entry.path)[:80]}"
+    for field in _INT_FIELDS:
+        if type(getattr(entry, field)) is not int:
+            raise _Invalid(f"{where} has {field} {getattr(entry, field)!r}, not an integer")
+    for field in _STR_FIELDS:
+        if type(getattr(entry, field)) is not str:
+            raise _Invalid(f"{where} has {field} {getattr(entry, field)!r}, not a string")
+    if "\x00" not in entry.path and normalize_path(entry.path) != entry.path:
+        raise _Invalid(f"{where} has a path that is not normalized")
+    if entry.type is EntryType.HARDLINK and normalize_path(entry.link_target) != entry.link_target:
+        raise _Invalid(f"{where} has a hardlink target that is not a normalized path")
+    _refuse(entry, entry_problem(entry) or chunks_problem(entry.chunks))
 
 
 def save_index(path: str | os.PathLike[str], index: LayerIndex) -> None:

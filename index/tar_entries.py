@@ -22,6 +22,7 @@ import tarfile
 import zlib
 from typing import Any
 
+from index.entry_limits import entry_problem, shown
 from index.errors import LayerFormatError, TruncatedLayer, UnsafePath
 from index.model import Entry, EntryType
 from index.tar_header import (
@@ -53,9 +54,6 @@ from index.tar_header import (
 MAX_EXTENSION_SIZE = 1 << 20
 # No real layer holds a single file of 1 TiB; a larger size is a corrupt or hostile header.
 MAX_ENTRY_SIZE = 1 << 40
-# Linux ids are 32 bits: a negative or larger uid or gid cannot be chowned to, and pyfuse3
-# refuses to report it, so a mount would fail every stat of the entry.
-MAX_ID = 0xFFFF_FFFF
 
 _TYPES: dict[bytes, EntryType] = {
     tarfile.REGTYPE: EntryType.FILE,
@@ -94,7 +92,7 @@ _FILE, _DIR, _HARDLINK = EntryType.FILE, EntryType.DIR, EntryType.HARDLINK
 def normalize_path(name: str) -> str:
     """Return ``name`` relative to the layer root with ``.``/``..`` resolved inside it; raises UnsafePath on NUL."""
     if "\x00" in name:
-        raise UnsafePath(f"entry name {name!r} contains a NUL byte")
+        raise UnsafePath(f"entry name {shown(name)} contains a NUL byte")
     wrapped = f"/{name}/"
     if "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped:
         return name  # no empty, "." or ".." component: already normal, as almost every name is
@@ -229,7 +227,11 @@ class TarEntryParser:
             or not _NAME_AND_TIME_KEYS.issuperset(records)
             or (posix and data[pos + 345])  # a name prefix
         ):
-            self._add_entry(standard_header(data, pos, fields), self._offset + pos)
+            try:  # a device's numbers are decoded only now, and may be no number at all
+                info = standard_header(data, pos, fields)
+            except ValueError as exc:
+                raise self._fail(f"invalid header ({exc})", self._offset + pos) from None
+            self._add_entry(info, self._offset + pos)
             return
         # What _add_entry(standard_header(...)) does for the common entry, in fewer steps.
         mtime_ns = known_mtime_ns(mtime) or standard_mtime_ns(mtime)
@@ -334,8 +336,6 @@ class TarEntryParser:
             if kind == tarfile.GNUTYPE_SPARSE:
                 raise self._fail(f"{name!r} is a sparse file, which layers must not contain", offset)
             raise self._fail(f"{name!r} has unsupported type {kind!r}", offset)
-        if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):  # a standard header's octal ids always are
-            raise self._fail(f"{name!r} has owner {uid}:{gid}, not a Linux uid:gid (0 to {MAX_ID})", offset)
         self._append(
             offset, name, etype, mode, uid, gid, uname, gname, size, mtime_ns, link, xattrs,
             devmajor, devminor,
@@ -354,7 +354,10 @@ class TarEntryParser:
             data_offset = offset + BLOCK
         else:
             size = 0  # like Go's archive/tar, header-only types carry no data whatever the size says
-        path = normalize_path(name)
+        try:
+            path = normalize_path(name)
+        except UnsafePath as exc:
+            raise UnsafePath(f"layer {self.layer}: tar entry at byte {offset}: {exc}") from None
         if path == "" and etype is not _DIR:
             raise UnsafePath(
                 f"layer {self.layer}: entry {name!r} at byte {offset} would replace the layer root"
@@ -378,6 +381,11 @@ class TarEntryParser:
         entry.data_offset = data_offset
         entry.chunks = ()
         entry.__class__ = Entry
+        # Every field against what Linux allows (index.entry_limits): ids, sizes, times, device
+        # numbers, name lengths, xattrs. A layer the eager unpack cannot apply is refused here.
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise self._fail(f"{shown(name)} {problem}", offset)
         self.entries.append(entry)
         self._seen[path] = etype
 

@@ -1,0 +1,206 @@
+"""What an entry's fields may hold, as Linux and the layer formats allow: one rule set for every parser.
+
+Entries reach lazysnap three ways: tar headers (``index.tar_entries``), eStargz TOCs
+(``index.estargz``) and stored or published indexes (``index.serialize``). All three pass each
+entry through ``entry_problem`` (and each eStargz or stored chunk through ``chunk_problem``)
+before it is used, so a value that the kernel, pyfuse3 or the eager unpack cannot represent is
+refused when the layer is read, naming the field, instead of raising ``OverflowError`` inside a
+FUSE handler later. Each parser adds the layer and the entry to the message and raises its own
+``LayerFormatError`` subclass.
+
+The limits, and why:
+
+- uid and gid are 32 bits (``uid_t``): chown and pyfuse3 refuse anything else;
+- sizes and offsets fit in a signed 64-bit ``off_t`` (pyfuse3's ``st_size`` is a C long);
+- device numbers fit the kernel's ``dev_t``: major below 2^12, minor below 2^20 (mknod refuses more);
+- the mode holds permission bits only (``0o7777``); the type lives in ``Entry.type``;
+- mtimes fit in 64-bit nanoseconds (``st_mtime_ns``);
+- a path component is at most ``NAME_MAX`` (255) bytes, a path and a symlink target are shorter
+  than ``PATH_MAX`` (4096, which counts the terminating NUL); none holds a NUL byte;
+- an xattr name is 1..255 bytes without NUL, a value at most ``XATTR_SIZE_MAX`` (64 KiB), and the
+  list of an entry's names (each with its NUL) at most ``XATTR_LIST_MAX`` (64 KiB): setxattr and
+  listxattr refuse more, so the eager unpack fails on such a layer and so do we.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from index.model import Chunk, Entry, EntryType
+
+MAX_ID = 0xFFFF_FFFF
+MAX_SIZE = (1 << 63) - 1
+MAX_DEV_MAJOR = (1 << 12) - 1
+MAX_DEV_MINOR = (1 << 20) - 1
+MAX_MODE = 0o7777
+MTIME_NS_START = -(1 << 63)
+MTIME_NS_END = 1 << 63
+NAME_MAX = 255
+PATH_MAX = 4096
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 1 << 16
+XATTR_LIST_MAX = 1 << 16
+# A str of this many characters encodes to at most NAME_MAX bytes (4 bytes a character at most):
+# the usual short path needs no encoding to know its components are short enough.
+_SURELY_SHORT = NAME_MAX // 4
+# A str of this many characters encodes to less than PATH_MAX bytes.
+_SURELY_SHORT_PATH = (PATH_MAX - 1) // 4
+# A run of characters that may encode to more than NAME_MAX bytes, within one path component.
+_LONG_COMPONENT = re.compile(f"[^/]{{{_SURELY_SHORT + 1}}}")
+_SHOWN = 300  # characters of a name quoted in a message
+# The integer fields of an entry and their ranges, for columns_plainly_fine.
+_COLUMN_RANGES = (
+    ("uid", 0, MAX_ID),
+    ("gid", 0, MAX_ID),
+    ("size", 0, MAX_SIZE),
+    ("mode", 0, MAX_MODE),
+    ("mtime_ns", MTIME_NS_START, MTIME_NS_END - 1),
+    ("devmajor", 0, MAX_DEV_MAJOR),
+    ("devminor", 0, MAX_DEV_MINOR),
+    ("data_offset", -1, MAX_SIZE),
+)
+
+
+def shown(name: str) -> str:
+    """``repr(name)``, cut short for a message when the name is a hostile 64 KiB."""
+    if len(name) <= _SHOWN:
+        return repr(name)
+    return f"{name[:_SHOWN]!r}... ({len(name)} characters)"
+
+
+def name_problem(what: str, path: str, *, components: bool = True) -> str | None:
+    """Return why ``path`` is not a name Linux can hold, or None; never raises.
+
+    ``components``: also hold each ``/``-separated component to NAME_MAX (paths, not symlink
+    targets, which symlink(2) stores whatever their components). The answer reads after the
+    entry's name: ``has a path ...``, ``has a symlink target ...``.
+    """
+    if "\x00" in path:
+        return f"has a {what} containing a NUL byte"
+    if len(path) <= _SURELY_SHORT:
+        return None
+    raw = os.fsencode(path)
+    if len(raw) >= PATH_MAX:
+        return f"has a {what} of {len(raw)} bytes, beyond PATH_MAX ({PATH_MAX} including its NUL)"
+    if components and len(raw) > NAME_MAX:
+        longest = max(raw.split(b"/"), key=len)
+        if len(longest) > NAME_MAX:
+            return f"has a {what} component of {len(longest)} bytes, beyond NAME_MAX ({NAME_MAX})"
+    return None
+
+
+def entry_problem(entry: Entry) -> str | None:
+    """Return what is wrong with ``entry``'s fields, naming the field, or None when Linux can represent it; never raises.
+
+    The answer reads after the entry's name (``'etc/x' has owner -1:0, not a Linux uid:gid ...``).
+    """
+    # One chained test for the common entry: every numeric field in range.
+    if not (
+        0 <= entry.uid <= MAX_ID
+        and 0 <= entry.gid <= MAX_ID
+        and 0 <= entry.size <= MAX_SIZE
+        and 0 <= entry.mode <= MAX_MODE
+        and MTIME_NS_START <= entry.mtime_ns < MTIME_NS_END
+        and 0 <= entry.devmajor <= MAX_DEV_MAJOR
+        and 0 <= entry.devminor <= MAX_DEV_MINOR
+        and -1 <= entry.data_offset <= MAX_SIZE
+    ):
+        return _number_problem(entry)
+    problem = name_problem("path", entry.path)
+    if problem is None and entry.link_target:
+        problem = name_problem(f"{entry.type.value} target", entry.link_target, components=False)
+    if problem is None and entry.type is EntryType.SYMLINK and not entry.link_target:
+        problem = "has an empty symlink target, which symlink(2) refuses"
+    if problem is None and entry.xattrs:
+        problem = _xattr_problem(entry.xattrs)
+    return problem
+
+
+def _number_problem(entry: Entry) -> str:
+    """The message for the first numeric field of ``entry`` out of its range."""
+    if not (0 <= entry.uid <= MAX_ID and 0 <= entry.gid <= MAX_ID):
+        return f"has owner {entry.uid}:{entry.gid}, not a Linux uid:gid (0 to {MAX_ID})"
+    checks = (
+        ("size", entry.size, 0, MAX_SIZE, ", not a 64-bit file size"),
+        ("mode", entry.mode, 0, MAX_MODE, ", not permission bits (0 to 0o7777)"),
+        ("mtime", entry.mtime_ns, MTIME_NS_START, MTIME_NS_END - 1, " ns, beyond 64-bit nanoseconds"),
+        ("device major", entry.devmajor, 0, MAX_DEV_MAJOR, f", beyond Linux's (0 to {MAX_DEV_MAJOR})"),
+        ("device minor", entry.devminor, 0, MAX_DEV_MINOR, f", beyond Linux's (0 to {MAX_DEV_MINOR})"),
+        ("data offset", entry.data_offset, -1, MAX_SIZE, ", not a 64-bit offset"),
+    )
+    for field, value, low, high, meaning in checks:
+        if not low <= value <= high:
+            return f"has {field} {value}{meaning}"
+    return "has a numeric field out of range"  # not reached: the caller found one
+
+
+def _xattr_problem(xattrs: dict[str, bytes]) -> str | None:
+    """Why ``xattrs`` cannot be set on a Linux file (setxattr's and listxattr's limits), or None."""
+    listed = 0
+    for name, value in xattrs.items():
+        raw = os.fsencode(name)
+        if not 0 < len(raw) <= XATTR_NAME_MAX or b"\x00" in raw:
+            return f"has xattr name {name[:64]!r} ({len(raw)} bytes), not 1 to {XATTR_NAME_MAX} bytes without NUL"
+        if len(value) > XATTR_SIZE_MAX:
+            return f"has xattr {name!r} value of {len(value)} bytes, beyond XATTR_SIZE_MAX ({XATTR_SIZE_MAX})"
+        listed += len(raw) + 1
+    if listed > XATTR_LIST_MAX:
+        return f"has xattr names of {listed} bytes in all, beyond XATTR_LIST_MAX ({XATTR_LIST_MAX})"
+    return None
+
+
+def columns_plainly_fine(columns: Mapping[str, Sequence[Any]]) -> bool:
+    """Whether entry columns (field name to values, as a stored index holds them) are plainly within the limits.
+
+    A C-speed screen for a whole index: True means ``entry_problem`` finds nothing in any entry
+    on these fields; False means some value needs a closer look. Numbers are compared, not
+    type-checked: the caller refuses floats when it parses (``bool`` passes, as the int it is).
+    """
+    try:
+        for field, low, high in _COLUMN_RANGES:
+            values = columns.get(field, ())
+            if values and not (low <= min(values) and max(values) <= high):
+                return False
+        paths, targets = columns.get("path", ()), columns.get("link_target", ())
+        if (paths and max(map(len, paths)) > _SURELY_SHORT_PATH) or (
+            targets and max(map(len, targets)) > _SURELY_SHORT_PATH
+        ):
+            return False
+        joined, linked = "/".join(paths), "".join(targets)  # TypeError unless all are str
+    except TypeError:  # a column of another type than its field's
+        return False
+    # Only a path longer than a component can be has to be looked into for one.
+    long_paths = "/".join(itertools.compress(paths, map(_SURELY_SHORT.__lt__, map(len, paths))))
+    if "\x00" in joined or "\x00" in linked or _LONG_COMPONENT.search(long_paths):
+        return False
+    # An empty symlink target is the one thing entry_problem refuses that no range shows.
+    symlink_targets = itertools.compress(targets, map("symlink".__eq__, columns.get("type", ())))
+    return "" not in symlink_targets
+
+
+def chunk_problem(chunk: Chunk) -> str | None:
+    """Return what is wrong with ``chunk``'s offsets and sizes, naming the field, or None; never raises.
+
+    The answer reads after the entry's name, like ``entry_problem``'s.
+    """
+    for field, value in (
+        ("file offset", chunk.file_offset),
+        ("size", chunk.size),
+        ("blob offset", chunk.blob_offset),
+        ("blob end", chunk.blob_end),
+        ("inner offset", chunk.inner_offset),
+    ):
+        if not 0 <= value <= MAX_SIZE:
+            return f"has a chunk {field} of {value}, not a 64-bit offset"
+    if chunk.blob_end <= chunk.blob_offset:
+        return f"has a chunk whose blob range {chunk.blob_offset}..{chunk.blob_end} is empty"
+    return None
+
+
+def chunks_problem(chunks: Iterable[Chunk]) -> str | None:
+    """Return the first ``chunk_problem`` of ``chunks``, or None; never raises."""
+    return next(filter(None, map(chunk_problem, chunks)), None)
