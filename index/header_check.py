@@ -95,7 +95,7 @@ def check_header_run(
     for name in CHECKED_FIELDS:
         expected, actual = getattr(entry, name), getattr(found, name)
         if expected != actual:
-            raise MappingMismatch(layer, entry.path, name, _shown(name, expected), _shown(name, actual))
+            raise MappingMismatch(layer, entry.path, name, shown(name, expected), shown(name, actual))
     if found.data_offset != data_offset or (exact and len(parser.entries) > 1):
         raise MappingMismatch(layer, entry.path, "data_offset", data_offset, found.data_offset)
 
@@ -142,8 +142,8 @@ def _inflate_members(data: bytes, layer: str, entry: Entry, *, first_only: bool 
     return b"".join(out)
 
 
-def _shown(name: str, value: object) -> object:
-    """A field's value as an error shows it: modes in octal, types by name."""
+def shown(name: str, value: object) -> object:
+    """Return an entry field's value as errors show it: modes in octal, types by name; raises nothing."""
     if name == "mode" and isinstance(value, int):
         return oct(value)
     if isinstance(value, EntryType):
