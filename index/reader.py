@@ -132,12 +132,13 @@ def _merge(ranges: list[ByteRange]) -> list[ByteRange]:
 
 
 def plan_read(
-    index: LayerIndex, entry: Entry, offset: int, length: int, *, with_header: bool = False
+    index: LayerIndex, entry: Entry, offset: int, length: int, *, with_header: bool = True
 ) -> list[ByteRange]:
     """Return the compressed blob ranges needed to read ``length`` bytes of ``entry`` at ``offset``; raises LayerFormatError for non-files.
 
-    ``with_header``: also those of the header run a file's first read checks (none when the
-    index records no valid one: that read fails before fetching).
+    ``with_header``: with those of the header run the file's first read checks (none when the
+    index records no valid one: that read fails before fetching), so that a file prefetched by
+    its plan reads without fetching; False: the file's own bytes alone.
     """
     n = _wanted(entry, offset, length)
     if n == 0:

@@ -60,16 +60,15 @@ async def test_fetches_stay_within_the_plan(compression: str) -> None:
     log: list[tuple[int, int]] = []
     reader = LayerReader(index, blob_source(blob, log))
     plan = plan_read(index, big, 2_000_000, 4096)
-    first = plan_read(index, big, 2_000_000, 4096, with_header=True)
     assert await reader.read(big, 2_000_000, 4096) == BIG[2_000_000:2_004_096]
-    assert log and all(any(r.offset <= o and o + n <= r.end for r in first) for o, n in log)
-    assert sum(r.length for r in first) < len(blob) // 4
+    assert log and all(any(r.offset <= o and o + n <= r.end for r in plan) for o, n in log)
+    assert sum(r.length for r in plan) < len(blob) // 4
     del log[:]
     assert await reader.read(big, 3_000_000, 4096) == BIG[3_000_000:3_004_096]
-    later = plan_read(index, big, 3_000_000, 4096)
+    later = plan_read(index, big, 3_000_000, 4096, with_header=False)  # checked already: the bytes alone
     assert log and all(any(r.offset <= o and o + n <= r.end for r in later) for o, n in log)
     if compression == "tar":
-        assert plan == [ByteRange(big.data_offset + 2_000_000, 4096)]
+        assert later == [ByteRange(big.data_offset + 3_000_000, 4096)]
 
 
 async def test_one_span_is_decoded_once_for_many_readers() -> None:
