@@ -44,8 +44,8 @@ class MappingMismatch(IntegrityError):
 
     def __init__(self, layer: str, path: str, field: str, index_value: object, tar_value: object) -> None:
         super().__init__(
-            f"layer {layer}: {path!r}: the index says {field} {index_value!r}, the tar header before its "
-            f"bytes says {tar_value!r}; the index does not describe this blob: stop serving the layer"
+            f"layer {layer}: {path!r}: {field}: index {index_value!r}, tar header {tar_value!r}; the index maps "
+            "the file to bytes that are not its own: serve nothing of it and stop serving the layer lazily"
         )
         self.layer = layer
         self.path = path

@@ -46,7 +46,7 @@ def header_range(layer: str, entry: Entry) -> tuple[int, int]:
             entry.path,
             "header_offset",
             start,
-            f"a header run of 512 to {MAX_HEADER_RUN} bytes ending at {end}",
+            f"expected: a run of 512 to {MAX_HEADER_RUN} bytes ending at {end}",
         )
     return start, end
 
@@ -61,7 +61,7 @@ def estargz_header_range(layer: str, entry: Entry) -> tuple[int, int]:
             entry.path,
             "header_member",
             start,
-            f"a gzip member at most {MAX_MEMBER_PREFIX} bytes before {first.blob_offset}",
+            f"expected: a gzip member at most {MAX_MEMBER_PREFIX} bytes before {first.blob_offset}",
         )
     return start, first.blob_end
 
@@ -114,7 +114,13 @@ def check_estargz_header(layer: str, entry: Entry, blob: bytes) -> bytes:
     member = _inflate_members(blob[split:], layer, entry, first_only=True)
     content = len(prefix) + first.inner_offset
     if not 0 <= entry.header_offset <= content <= len(prefix) + len(member):
-        raise MappingMismatch(layer, entry.path, "header_offset", entry.header_offset, f"at most {content}")
+        raise MappingMismatch(
+            layer,
+            entry.path,
+            "header_offset",
+            entry.header_offset,
+            f"expected: at most {content}, where the data starts",
+        )
     run = (prefix + member[: first.inner_offset])[entry.header_offset :]
     check_header_run(layer, entry, run, entry.header_offset, content, exact=False)
     return member
