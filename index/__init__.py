@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from index.builder import LayerIndexBuilder, build_index
+    from index.completion_check import compare_with_blob, compare_with_tar, verify_index
     from index.errors import (
         DigestMismatch,
+        IndexMismatch,
         IndexVersionError,
         IntegrityError,
         LayerFormatError,
         LazysnapError,
+        MappingMismatch,
         TruncatedLayer,
         UnsafePath,
     )
@@ -29,13 +32,16 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     **dict.fromkeys(("LayerIndexBuilder", "build_index"), "index.builder"),
+    **dict.fromkeys(("compare_with_blob", "compare_with_tar", "verify_index"), "index.completion_check"),
     **dict.fromkeys(
         (
             "DigestMismatch",
+            "IndexMismatch",
             "IndexVersionError",
             "IntegrityError",
             "LayerFormatError",
             "LazysnapError",
+            "MappingMismatch",
             "TruncatedLayer",
             "UnsafePath",
         ),
@@ -53,6 +59,7 @@ __all__ = [
     "DigestMismatch",
     "Entry",
     "EntryType",
+    "IndexMismatch",
     "IndexVersionError",
     "IntegrityError",
     "LayerFormat",
@@ -61,10 +68,13 @@ __all__ = [
     "LayerIndexBuilder",
     "LayerReader",
     "LazysnapError",
+    "MappingMismatch",
     "SeekPoint",
     "TruncatedLayer",
     "UnsafePath",
     "build_index",
+    "compare_with_blob",
+    "compare_with_tar",
     "dump_index",
     "is_randomly_accessible",
     "load_index",
@@ -72,6 +82,7 @@ __all__ = [
     "plan_read",
     "read_estargz_index",
     "save_index",
+    "verify_index",
 ]
 
 

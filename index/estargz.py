@@ -396,6 +396,11 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
     prefetch_end = 0
     seen: dict[str, EntryType] = {}
     modtimes: dict[str, int] = {}  # a layer's files share a few hundred distinct times
+    # Where the tar headers after the last file data begin: (gzip member start, offset in the
+    # output from there). The writer puts a file's headers after the previous file's data, in
+    # the member that holds it, and starts the file's data in a new member (or, grouping small
+    # files, at innerOffset of the same one); the first headers start the blob.
+    headers_at = (0, 0)
     position = 0
     while position < len(records):
         record = records[position]
@@ -408,6 +413,12 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
                 prefetch_count, prefetch_end = len(entries), record.get("offset", 0)
             elif path == NO_PREFETCH_LANDMARK:
                 prefetch_count = 0
+            size = record.get("size", 0)
+            if (
+                record.get("type") == "reg" and type(size) is int and size > 0
+            ):  # a landmark's byte moves the headers on
+                landmark, position = _file_chunks(records, position - 1, path, size, ends)
+                headers_at = _after_data(landmark, size)
             continue
         kind = _TYPES.get(record.get("type", ""))
         if kind is None:
@@ -443,15 +454,17 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
         if kind is not EntryType.CHAR and kind is not EntryType.BLOCK:
             major = minor = 0  # as a tar header's, read only for devices (and so by the eager unpack)
         chunks: tuple[Chunk, ...] = ()
+        header_member = header_offset = -1
         if size:
             chunks, position = _file_chunks(records, position - 1, path, size, ends)
+            (header_member, header_offset), headers_at = headers_at, _after_data(chunks, size)
         mtime_ns = modtimes.get(modtime)
         if mtime_ns is None:
             mtime_ns = modtimes[modtime] = parse_modtime(modtime) if modtime else 0
         # Positional: this runs once per entry and keyword calls cost measurably more.
         entry = Entry(
             path, kind, mode & 0o7777, uid, gid, uname, gname, size, mtime_ns, link, _xattrs(record),
-            major, minor, -1, chunks,
+            major, minor, -1, chunks, header_offset, header_member,
         )  # fmt: skip
         # Every field against what Linux allows (index.entry_limits), the same rules as for tar.
         problem = entry_problem(entry) or chunks_problem(chunks)
@@ -459,6 +472,12 @@ def _entries(records: list[Mapping[str, Any]], toc_offset: int) -> tuple[list[En
             raise ValueError(f"entry {shown(path)} {problem}")
         entries.append(entry)
     return entries, prefetch_count, prefetch_end
+
+
+def _after_data(chunks: tuple[Chunk, ...], size: int) -> tuple[int, int]:
+    """Where the tar stream goes on after a file of ``size`` bytes in ``chunks``: its last member, and the offset in it past the padding."""
+    last = chunks[-1]
+    return last.blob_offset, last.inner_offset + last.size + (-size % 512)
 
 
 def _file_chunks(

@@ -60,6 +60,14 @@ class Entry:
     ``link_target`` is the normalized path of the earlier entry; for symlinks it is the raw
     target. ``mode`` holds the permission bits including setuid/setgid/sticky (``0o7777``).
     Whiteouts (``.wh.NAME``, ``.wh..wh..opq``) are kept as ordinary entries.
+
+    ``header_offset`` says where the tar headers that precede the entry's data begin, so that
+    a read can check them (``index.header_check``). Tar, gzip and zstd layers: the uncompressed
+    offset of the entry's first header block, PAX and GNU long-name records included (set for
+    every entry). eStargz: for a file with data only, the offset, in the output of the gzip
+    members from blob offset ``header_member`` on, where the previous file's data (and its
+    padding) ends: the headers from there to the first chunk are this file's and those of the
+    data-less entries before it. -1: unknown, which fails the read-time check.
     """
 
     path: str
@@ -77,6 +85,8 @@ class Entry:
     devminor: int = 0
     data_offset: int = -1
     chunks: tuple[Chunk, ...] = ()
+    header_offset: int = -1
+    header_member: int = -1
 
     @property
     def name(self) -> str:

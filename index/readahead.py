@@ -38,7 +38,7 @@ def _hull(ranges: list[ByteRange]) -> ByteRange | None:
 class ReadAhead(NamedTuple):
     """What a cold read of one file fetches: the file's own blob bytes, and the range around them."""
 
-    file: ByteRange  # the file alone: present in the cache means the read is not cold
+    file: ByteRange  # the file with the header run its first read checks: present in the cache means the read is not cold
     span: ByteRange  # the file and its following siblings, fetched together
 
 

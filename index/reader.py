@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING
 import trio
 import zstandard
 
-from index.errors import DigestMismatch, LayerFormatError, TruncatedLayer
+from index.errors import DigestMismatch, LayerFormatError, MappingMismatch, TruncatedLayer
+from index.header_check import (
+    check_estargz_header,
+    check_header_run,
+    estargz_header_range,
+    header_range,
+)
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex, SeekPoint
 from index.zstd_frames import ZstdScanner
 
@@ -44,6 +50,11 @@ _STREAM_PIECE = 4 << 20  # fetch size when a span is too large to cache and is s
 PREFIX_MARGIN = 1.15
 PREFIX_SLACK = 32 << 10
 PREFIX_WHOLE_SHARE = 0.8
+# A file's first read also reads its header run (see LayerReader.read): in the same fetch when
+# the read starts within this many bytes of it, which the usual first read (at 0) does, or
+# (gzip, zstd) in the span where the run ends. A first read further on reads the run apart:
+# merged, it would decode whole spans between the two.
+HEADER_MERGE_GAP = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -120,22 +131,42 @@ def _merge(ranges: list[ByteRange]) -> list[ByteRange]:
     return merged
 
 
-def plan_read(index: LayerIndex, entry: Entry, offset: int, length: int) -> list[ByteRange]:
-    """Return the compressed blob ranges needed to read ``length`` bytes of ``entry`` at ``offset``; raises LayerFormatError for non-files."""
+def plan_read(
+    index: LayerIndex, entry: Entry, offset: int, length: int, *, with_header: bool = True
+) -> list[ByteRange]:
+    """Return the compressed blob ranges needed to read ``length`` bytes of ``entry`` at ``offset``; raises LayerFormatError for non-files.
+
+    ``with_header``: with those of the header run the file's first read checks (none when the
+    index records no valid one: that read fails before fetching), so that a file prefetched by
+    its plan reads without fetching; False: the file's own bytes alone.
+    """
     n = _wanted(entry, offset, length)
     if n == 0:
         return []
+    ranges = _header_plan(index, entry) if with_header else []
     if entry.chunks:
-        return _merge(
-            [
-                ByteRange(c.blob_offset, c.blob_end - c.blob_offset)
-                for c in _chunks_for(entry, offset, offset + n)
-            ]
-        )
-    start = entry.data_offset + offset
+        chunks = _chunks_for(entry, offset, offset + n)
+        return _merge([*ranges, *(ByteRange(c.blob_offset, c.blob_end - c.blob_offset) for c in chunks)])
+    return _merge([*ranges, *_stream_plan(index, entry.data_offset + offset, n)])
+
+
+def _stream_plan(index: LayerIndex, start: int, n: int) -> list[ByteRange]:
+    """The blob ranges holding ``n`` bytes of the uncompressed tar stream from ``start``."""
     if index.format is LayerFormat.TAR:
         return [ByteRange(start, n)]
-    return _merge([ByteRange(s.cstart, s.cend - s.cstart) for s in _spans_for(index, start, start + n)])
+    return [ByteRange(s.cstart, s.cend - s.cstart) for s in _spans_for(index, start, start + n)]
+
+
+def _header_plan(index: LayerIndex, entry: Entry) -> list[ByteRange]:
+    """The blob ranges a first read fetches to check ``entry``'s header run, beside its data."""
+    try:
+        if entry.chunks:
+            start, end = estargz_header_range(index.digest, entry)
+            return [ByteRange(start, end - start)]
+        head, data = header_range(index.digest, entry)
+    except MappingMismatch:
+        return []
+    return _stream_plan(index, head, data - head)
 
 
 def max_span_size(index: LayerIndex) -> int:
@@ -223,15 +254,68 @@ class LayerReader:
         self._cache: OrderedDict[Hashable, bytes] = OrderedDict()
         self._cached_bytes = 0
         self._inflight: dict[Hashable, trio.Event] = {}
+        self._checked: dict[int, Entry] = {}  # files whose header was checked, by id (see read)
 
     async def read(self, entry: Entry, offset: int, length: int) -> bytes:
-        """Return ``min(length, entry.size - offset)`` bytes of ``entry`` from ``offset`` (b"" past EOF); raises IntegrityError/LayerFormatError."""
+        """Return ``min(length, entry.size - offset)`` bytes of ``entry`` from ``offset`` (b"" past EOF).
+
+        The first read of each file checks, before returning anything, that the tar header before
+        its bytes names it (``index.header_check``); later reads of it skip the check.
+
+        Raises:
+            MappingMismatch: the index maps the file to bytes under another file's header.
+            IntegrityError: fetched bytes failed their digest.
+            LayerFormatError: not a regular file, or the layer's bytes are malformed.
+        """
         n = _wanted(entry, offset, length)
         if n == 0:
             return b""
+        # By id, holding the entry: it stays alive, so its id cannot be reused by another.
+        if self._checked.get(id(entry)) is not entry:
+            data = await (self._first_chunk_read if entry.chunks else self._first_stream_read)(
+                entry, offset, n
+            )
+            self._checked[id(entry)] = entry
+            return data
         if entry.chunks:
             return await self._read_chunks(entry, offset, n)
-        start = entry.data_offset + offset
+        return await self._read_stream(entry, entry.data_offset + offset, n)
+
+    async def _first_stream_read(self, entry: Entry, offset: int, n: int) -> bytes:
+        """Read a tar/gzip/zstd file's bytes with its header run, checked first; one fetch when they are close."""
+        layer = self.index.digest
+        head, data_offset = header_range(layer, entry)
+        start = data_offset + offset
+        if self._near(head, data_offset, start):  # the usual first read, at or near the file's start
+            both = await self._read_stream(entry, head, start + n - head)
+            run, data = both[: data_offset - head], both[start - head :]
+        else:
+            run = await self._read_stream(entry, head, data_offset - head)
+            data = await self._read_stream(entry, start, n)
+        check_header_run(layer, entry, run, head, data_offset, exact=True)
+        return data
+
+    def _near(self, head: int, data_offset: int, start: int) -> bool:
+        """Whether the header run ``[head, data_offset)`` is read with the data at ``start`` in one go, at no extra cost."""
+        if start - head <= HEADER_MERGE_GAP or self.index.format is LayerFormat.TAR:
+            return start - head <= HEADER_MERGE_GAP
+        # The data starts in the span the run ends in: decoding it reaches the run on the way.
+        return (
+            _spans_for(self.index, start, start + 1)[0].index
+            <= _spans_for(self.index, data_offset - 1, data_offset)[0].index
+        )
+
+    async def _first_chunk_read(self, entry: Entry, offset: int, n: int) -> bytes:
+        """Read an eStargz file's bytes after checking its headers, fetched in one range with its first chunk."""
+        start, end = estargz_header_range(self.index.digest, entry)
+        blob = await self._fetch(start, end - start)
+        member = await self._cpu(len(blob), check_estargz_header, self.index.digest, entry, blob)
+        first = entry.chunks[0]
+        self._remember(("chunk", first), self._chunk_data(entry, first, member))
+        return await self._read_chunks(entry, offset, n)
+
+    async def _read_stream(self, entry: Entry, start: int, n: int) -> bytes:
+        """Return ``n`` bytes of the uncompressed tar stream from ``start`` (bytes of ``entry`` or its headers)."""
         if self.index.format is LayerFormat.TAR:
             return await self._fetch(start, n)
         pieces = []
@@ -247,7 +331,7 @@ class LayerReader:
         result = b"".join(pieces)
         if len(result) != n:
             raise LayerFormatError(
-                f"layer {self.index.digest}: seek points do not cover {entry.path!r} bytes {offset}..{offset + n}"
+                f"layer {self.index.digest}: seek points do not cover tar bytes {start}..{start + n} (of {entry.path!r})"
             )
         return result
 
@@ -400,6 +484,10 @@ class LayerReader:
     async def _load_chunk(self, entry: Entry, chunk: Chunk) -> bytes:
         compressed = await self._fetch(chunk.blob_offset, chunk.blob_end - chunk.blob_offset)
         member = await self._cpu(len(compressed), _decode_member, compressed)
+        return self._chunk_data(entry, chunk, member)
+
+    def _chunk_data(self, entry: Entry, chunk: Chunk, member: bytes) -> bytes:
+        """Return ``chunk``'s bytes out of its decompressed ``member``; raises LayerFormatError, DigestMismatch."""
         data = member[chunk.inner_offset : chunk.inner_offset + chunk.size]
         if len(data) != chunk.size:
             raise LayerFormatError(

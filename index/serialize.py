@@ -36,7 +36,9 @@ from index.errors import IndexVersionError, LayerFormatError
 from index.model import Chunk, Entry, EntryType, LayerFormat, LayerIndex, SeekPoint
 
 MAGIC = b"LZSNAPIX"
-FORMAT_VERSION = 2  # 2: windows compressed with zstd instead of zlib
+FORMAT_VERSION = (
+    3  # 2: windows compressed with zstd instead of zlib; 3: entries record header_offset/header_member
+)
 _HEADER = struct.Struct("<8sHHQ32s")
 _U32 = struct.Struct("<I")
 _MAX_WINDOW = 32768
@@ -44,7 +46,7 @@ _MAX_META = 1 << 30  # uncompressed metadata; a million entries need about 200 M
 _TYPES = {t.value: t for t in EntryType}
 _COLUMNS = (
     *("path", "mode", "uid", "gid", "uname", "gname", "size", "mtime_ns", "link_target"),
-    *("devmajor", "devminor", "data_offset"),
+    *("devmajor", "devminor", "data_offset", "header_offset", "header_member"),
 )
 
 
@@ -228,6 +230,7 @@ def _entries(cols: dict[str, Any]) -> list[Entry]:
     columns = (
         *(c["path"], types, c["mode"], c["uid"], c["gid"], c["uname"], c["gname"], c["size"], c["mtime_ns"]),
         *(c["link_target"], xattrs, c["devmajor"], c["devminor"], c["data_offset"], chunks),
+        *(c["header_offset"], c["header_member"]),
     )
     if any(len(col) != n for col in columns):
         raise ValueError("entry columns of different lengths")

@@ -116,15 +116,22 @@ class TarEntryParser:
     """Turns a tar stream, pushed in pieces of any size, into entries with their data offsets.
 
     Raises ``LayerFormatError`` (or ``UnsafePath``/``TruncatedLayer``) from ``feed``/``finish``;
-    every message names ``layer`` and, when known, the entry.
+    every message names ``layer`` and, when known, the entry. ``offset``: where in the tar
+    stream the first byte fed lies; ``fragment``: the stream is fed from there, not from its start.
     """
 
-    def __init__(self, layer: str, *, max_entry_size: int = MAX_ENTRY_SIZE) -> None:
+    def __init__(
+        self, layer: str, *, max_entry_size: int = MAX_ENTRY_SIZE, offset: int = 0, fragment: bool = False
+    ) -> None:
         self.layer = layer
+        # A fragment (the headers before one file, checked at its first read) starts mid-archive:
+        # a hardlink in it may name an entry before the fragment, so its target is not looked up.
+        self._fragment = fragment
         self.entries: list[Entry] = []
         self.ended = False  # an end-of-archive zero block was seen
         self._max_entry_size = max_entry_size
-        self._offset = 0  # uncompressed offset of the next byte fed
+        self._offset = offset  # uncompressed offset of the next byte fed (a header run may be fed alone)
+        self._run_start = -1  # offset of the first extension header before the next entry's header
         self._header = bytearray()  # a partial header block
         self._skip = 0  # data (and padding) bytes still to pass over
         self._collect = 0  # extension payload bytes still to gather
@@ -293,6 +300,8 @@ class TarEntryParser:
         self, kind: bytes, data: bytes | bytearray | memoryview, start: int, size: int, offset: int
     ) -> None:
         """Apply the payload ``data[start:start + size]`` of the extension header at ``offset``, of type ``kind``."""
+        if self._run_start < 0:
+            self._run_start = offset
         key = _LONG_NAMES.get(kind)
         if key is not None:
             self._pending[key] = until_nul(data, start, start + size)
@@ -380,6 +389,9 @@ class TarEntryParser:
         entry.devminor = devminor
         entry.data_offset = data_offset
         entry.chunks = ()
+        entry.header_offset = offset if self._run_start < 0 else self._run_start
+        entry.header_member = -1
+        self._run_start = -1
         entry.__class__ = Entry
         # Every field against what Linux allows (index.entry_limits): ids, sizes, times, device
         # numbers, name lengths, xattrs. A layer the eager unpack cannot apply is refused here.
@@ -392,7 +404,7 @@ class TarEntryParser:
     def _hardlink_target(self, name: str, link: str, offset: int) -> str:
         target = normalize_path(link)
         kind = self._seen.get(target)
-        if kind is None or kind is EntryType.DIR:
+        if (kind is None or kind is EntryType.DIR) and not self._fragment:
             raise UnsafePath(
                 f"layer {self.layer}: hardlink {name!r} at byte {offset} points to {link!r}, "
                 "which is not an earlier non-directory entry of this layer"

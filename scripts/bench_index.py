@@ -115,23 +115,33 @@ def build(blob: bytes, spacing: int, digest: str) -> LayerIndex:
     return builder.finish()
 
 
+def union_size(ranges: list[tuple[int, int]]) -> int:
+    """How many distinct bytes the ``(offset, length)`` ranges cover."""
+    total, end = 0, 0
+    for offset, length in sorted(ranges):
+        total += max(0, offset + length - max(offset, end))
+        end = max(end, offset + length)
+    return total
+
+
 def random_reads(index: LayerIndex, blob: bytes, tar: bytes, count: int, seed: int = 7) -> dict[str, float]:
-    """Cold random 4 KiB reads (fresh reader each, position uniform over file bytes): mean fetched bytes and ms."""
+    """Cold random 4 KiB reads (fresh reader each, so each is a file's first read, header check included; position
+    uniform over file bytes): mean fetched bytes, read_range calls and ms."""
     files = [e for e in index.entries if e.type is EntryType.FILE and e.size > 0]
     rng = random.Random(seed)
     picks = []
     for entry in rng.choices(files, weights=[e.size for e in files], k=count):
         picks.append((entry, rng.randrange(entry.size)))
-    fetched: list[int] = []
+    calls: list[list[tuple[int, int]]] = []
     times: list[float] = []
 
     async def read_range(offset: int, length: int) -> bytes:
-        fetched[-1] += length
+        calls[-1].append((offset, length))
         return blob[offset : offset + length]
 
     async def run() -> None:
         for entry, offset in picks:
-            fetched.append(0)
+            calls.append([])
             reader = LayerReader(index, read_range)
             start = time.perf_counter()
             data = await reader.read(entry, offset, 4096)
@@ -140,12 +150,15 @@ def random_reads(index: LayerIndex, blob: bytes, tar: bytes, count: int, seed: i
             assert data == tar[start : start + min(4096, entry.size - offset)], (
                 f"wrong bytes from {entry.path}"
             )
-            assert fetched[-1] <= sum(r.length for r in plan_read(index, entry, offset, 4096))
+            # Two calls may share the byte where a gzip checkpoint starts mid-byte: count it once.
+            assert union_size(calls[-1]) <= sum(r.length for r in plan_read(index, entry, offset, 4096))
 
     trio.run(run)
+    fetched = [sum(n for _, n in c) for c in calls]
     return {
         "mean_fetched_bytes": statistics.mean(fetched),
         "median_fetched_bytes": statistics.median(fetched),
+        "mean_calls": statistics.mean(len(c) for c in calls),
         "mean_ms": statistics.mean(times) * 1000,
         "p95_ms": sorted(times)[int(len(times) * 0.95)] * 1000,
     }
@@ -237,6 +250,7 @@ def main() -> None:
         rows.append(
             (f"cold 4 KiB read @ {spacing}: fetched (KB)", f"{r['mean_fetched_bytes'] / 1e3:.0f}", "")
         )
+        rows.append((f"cold 4 KiB read @ {spacing}: read_range calls", f"{r['mean_calls']:.2f}", ""))
         rows.append((f"cold 4 KiB read @ {spacing}: time (ms)", f"{r['mean_ms']:.2f}", ""))
     for name, value, target in rows:
         print(f"{name:<44}{value:>14}  {target}")

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import tarfile
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import zstandard
 
+from index.builder import build_index
+from index.estargz import TOC_NAME, read_estargz_index
 from index.model import Entry, LayerFormat, LayerIndex
+from tests.support.estargz_writer import EstargzBlob, build_estargz, footer, gzip_member
+from tests.support.image_builder import (
+    TarEntry,
+    char_device,
+    directory,
+    file,
+    hardlink,
+    make_layer,
+    symlink,
+    whiteout,
+)
 
 
 def make_tar(members: Iterable[tuple[tarfile.TarInfo, bytes | None]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
@@ -77,3 +93,61 @@ def blob_source(
 def files_of(index: LayerIndex) -> dict[str, Entry]:
     """Return the last regular-file entry of each path in ``index``."""
     return {e.path: e for e in index.entries if e.data_offset >= 0}
+
+
+# A layer for the trust checks: adjacent small files, PAX records (a long path, xattrs), every
+# entry type, a whiteout, an empty file, and a path given twice (the later copy wins).
+TRUST_ENTRIES = [
+    directory("etc"),
+    file("etc/hostname", "box\n"),
+    file("etc/shadow", "root:*:19000::::::\n", mode=0o600),
+    file("etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
+    file("bin/tool", bytes(range(256)) * 40, mode=0o755, xattrs={"user.origin": "build"}),
+    symlink("bin/sh", "tool"),
+    hardlink("bin/alias", "bin/tool"),
+    file("usr/share/" + "long-name-" * 14 + "/data", "deep\n", uid=1000, gid=1000),
+    char_device("dev/null", 1, 3),
+    whiteout("var/old"),
+    file("etc/empty"),
+    file("etc/passwd", "root:x:0:0::/root:/bin/bash\n"),
+]
+TAR_KINDS = ("tar", "gzip", "zstd-frames")
+ESTARGZ_KINDS = {  # build_estargz options: a member per file, small files grouped, files cut in chunks
+    "estargz": {},
+    "estargz-grouped": {"min_chunk_size": 4096, "prefetch_count": 3},
+    "estargz-chunked": {"chunk_size": 1000, "prefetch_count": 0},
+}
+LAYER_KINDS = (*TAR_KINDS, *ESTARGZ_KINDS)
+
+
+async def trust_layer(kind: str, entries: list[TarEntry] = TRUST_ENTRIES) -> tuple[LayerIndex, bytes]:
+    """The index and blob of ``entries`` as a layer of ``kind`` (``LAYER_KINDS``), indexed as lazysnap does."""
+    if kind in ESTARGZ_KINDS:
+        written = build_estargz(entries, **ESTARGZ_KINDS[kind])
+        return await estargz_index(written.blob), written.blob
+    layer = (
+        make_layer(entries, "zstd", frame_size=2048) if kind == "zstd-frames" else make_layer(entries, kind)
+    )
+    fmt = {"tar": LayerFormat.TAR, "gzip": LayerFormat.GZIP, "zstd-frames": LayerFormat.ZSTD}[kind]
+    return build_index("m", fmt, [layer.blob]), layer.blob
+
+
+async def estargz_index(blob: bytes) -> LayerIndex:
+    """The index read from an eStargz blob's TOC."""
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    return await read_estargz_index(blob_source(blob), len(blob), digest=digest, media_type="m")
+
+
+def with_toc(written: EstargzBlob, toc: dict[str, Any]) -> bytes:
+    """``written``'s blob with its TOC replaced by ``toc``: the same file members, another table."""
+    toc_json = json.dumps(toc).encode()
+    return (
+        written.blob[: written.toc_offset]
+        + gzip_member(make_tar([file_info(TOC_NAME, toc_json)]))
+        + footer(written.toc_offset)
+    )
+
+
+def entry_named(index: LayerIndex, path: str) -> Entry:
+    """The last entry of ``index`` at ``path``."""
+    return [e for e in index.entries if e.path == path][-1]

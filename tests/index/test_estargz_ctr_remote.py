@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from index.completion_check import compare_with_blob
 from index.estargz import TOC_DIGEST_ANNOTATION, read_estargz
 from index.model import EntryType, LayerFormat
+from index.reader import LayerReader
 from snapshotter.remote.client import RegistryClient
+from tests.index.conftest import blob_source
 from tests.support.containerd import run_shell
 from tests.support.image_builder import (
     DEFAULT_MTIME,
@@ -92,7 +95,7 @@ async def source_image(registry: TestRegistry, registry_client: RegistryClient) 
 async def test_ctr_remote_converted_layer(
     containerd: Containerd, registry: TestRegistry, registry_client: RegistryClient, source_image: str
 ) -> None:
-    """Every regular file of a ctr-remote eStargz layer reads back equal to the original, the TOC verifies."""
+    """Every regular file of a ctr-remote eStargz layer reads back equal to the original, the TOC verifies, and so do its mapping checks."""
     if shutil.which("ctr-remote") is None:
         pytest.skip("needs ctr-remote (Debian stargz-snapshotter)")
     target_ref = registry.ref("esgz-dst")
@@ -140,6 +143,13 @@ async def test_ctr_remote_converted_layer(
             assert _digest(piece) == chunk.digest
             got += piece
         assert got == data, path
+
+    # The real writer's layout passes both trust checks: each file's headers (found at the end of
+    # the member before its data) at its first read, and the whole TOC against the blob's tar.
+    reader = LayerReader(index, blob_source(blob))
+    for path, data in expected.items():
+        assert await reader.read(regular[path], 0, len(data)) == data, path
+    assert compare_with_blob(index, [blob]) == []
 
     # The converted image is still an ordinary image: containerd unpacks and runs it.
     output = run_shell(containerd, target, "esgz-run", "read l < /app/nested/deep/file; echo $l")

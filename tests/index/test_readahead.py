@@ -51,18 +51,25 @@ def entry(index: LayerIndex, path: str) -> Entry:
 
 
 def span_of(index: LayerIndex, path: str) -> tuple[int, int]:
+    """What a first read of the file needs: the member holding its headers, up to its last chunk's end."""
+    found = entry(index, path)
+    return found.header_member, found.chunks[-1].blob_end
+
+
+def data_of(index: LayerIndex, path: str) -> tuple[int, int]:
+    """The file's own bytes: its first chunk's member to its last's end."""
     chunks = entry(index, path).chunks
     return chunks[0].blob_offset, chunks[-1].blob_end
 
 
 def test_range_covers_the_file_and_its_following_siblings() -> None:
-    """Reading pkg/a.pyc fetches a..e in one range (pkg/sub in between rides along); other/ is not reached for."""
+    """Reading pkg/a.pyc fetches a..e, from a's headers on, in one range (pkg/sub in between rides along); other/ is not reached for."""
     index = layer()
     found = SiblingReadahead(index, budget=64 << 10).range_for(entry(index, "pkg/a.pyc"))
     assert found is not None
     assert found.offset == span_of(index, "pkg/a.pyc")[0]
     assert found.end == span_of(index, "pkg/e.pyc")[1]
-    assert found.end <= span_of(index, "other/x.pyc")[0]
+    assert found.end <= data_of(index, "other/x.pyc")[0]
 
 
 def test_budget_limits_how_many_siblings_come_along() -> None:
@@ -76,7 +83,7 @@ def test_budget_limits_how_many_siblings_come_along() -> None:
 
 
 def test_last_file_of_a_directory_reads_only_itself() -> None:
-    """Nothing of another directory extends the range."""
+    """Nothing of another directory extends the range (the member before it holds its headers)."""
     index = layer()
     found = SiblingReadahead(index).range_for(entry(index, "other/x.pyc"))
     assert found is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import struct
 import sys
@@ -36,6 +37,8 @@ def sample_index(n: int = 50) -> LayerIndex:
             0,
             0,
             i * 512,
+            (),
+            i * 512 - 512,
         )
         for i in range(n)
     ]
@@ -54,6 +57,8 @@ def sample_index(n: int = 50) -> LayerIndex:
             EntryType.FILE,
             size=8,
             chunks=(Chunk(0, 4, 100, 200, 0, "sha256:aa"), Chunk(4, 4, 100, 200, 4, "")),
+            header_offset=1536,
+            header_member=40,
         ),
     ]
     points = [SeekPoint(10, 0), SeekPoint(5000, 1 << 20, 3, bytes(range(256)) * 128)]
@@ -89,10 +94,11 @@ def test_save_is_atomic_and_loads_back(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["layer.idx"]
 
 
-def test_other_version_is_rejected() -> None:
-    """An index with another format version raises IndexVersionError telling to rebuild."""
+@pytest.mark.parametrize("version", [2, 99])
+def test_other_version_is_rejected(version: int) -> None:
+    """An index with another format version (2: from before header offsets) raises IndexVersionError telling to rebuild."""
     data = bytearray(dump_index(sample_index()))
-    struct.pack_into("<H", data, 8, 99)
+    struct.pack_into("<H", data, 8, version)
     with pytest.raises(IndexVersionError, match="rebuild"):
         load_index(bytes(data))
 
@@ -118,11 +124,15 @@ def python_calls(fn: Callable[[], object]) -> int:
         nonlocal calls
         calls += event == "call"
 
+    # Garbage left by earlier tests (finalizers, __del__) must not run, and count, in the middle.
+    gc.collect()
+    gc.disable()
     sys.setprofile(profile)
     try:
         fn()
     finally:
         sys.setprofile(None)
+        gc.enable()
     return calls - 1  # fn itself
 
 
