@@ -11,19 +11,21 @@ chains to show and where.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from fusefs.merged_tree import MergedTree
+from index.completion_check import verify_index
 from index.errors import IntegrityError, LayerFormatError, LazysnapError
 from index.model import Entry
 from snapshotter.cache.blob_cache import BlobCache
 from snapshotter.cache.index_store import IndexStore
 from snapshotter.config import Config
 from snapshotter.errors import FetchTimeout
-from snapshotter.layers.layer import Layer
+from snapshotter.layers.layer import IndexSource, Layer
 from snapshotter.layers.published import PublishedIndexes
 from snapshotter.layers.sources import (
     LayerResolver,
@@ -83,6 +85,13 @@ class LayerRequest:
     diff_id: DiffId
     published: PublishedIndexes | None = None
     pulled_by_digest: bool = False
+
+
+def _pieces(path: Path, size: int = 4 << 20) -> Iterator[bytes]:
+    """The bytes of a local file, in pieces (a layer may be many GB)."""
+    with open(path, "rb") as file:
+        while piece := file.read(size):
+            yield piece
 
 
 def known_diff_id(diff_id: str) -> DiffId:
@@ -316,6 +325,23 @@ class ChainCore:
             if self._layers.get(digest) is not layer:  # forgotten while it ran
                 self._close(layer)
 
+    async def _check_index(self, layer: Layer) -> None:
+        """The completion check: the served listing against the verified blob, entry by entry.
+
+        An index built here from the same verified stream needs none. One that passes is
+        trusted from now on for any image holding the blob (kept in the trusted store).
+
+        Raises:
+            IndexMismatch: the index (or TOC) differs from the tar it claims to describe.
+        """
+        if layer.source is IndexSource.DOWNLOADED:
+            return
+        path = layer.blob.directory / "data"
+        await trio.to_thread.run_sync(verify_index, layer.index, _pieces(path))
+        if layer.store_scope != "":
+            await trio.to_thread.run_sync(self._store.put, layer.index)
+            layer.store_scope = ""
+
     async def _fill_and_verify(self, layer: Layer, diff_id: DiffId) -> None:
         digest = layer.descriptor.digest
         try:
@@ -327,9 +353,14 @@ class ChainCore:
             elif not layer.blob.complete:
                 return  # nothing to verify without fetching; reads stay verified span by span
             await verify_layer(layer, await diff_id())
+            await self._check_index(layer)
         except (IntegrityError, LayerFormatError) as error:
-            # The bytes or the mapping served so far can't be trusted: stop serving the layer.
+            # The bytes or the mapping served so far can't be trusted: stop serving the layer,
+            # and never serve its index again.
             layer.failed = str(error)
+            layer.blob.stats.integrity_failures += 1
+            if layer.store_scope is not None:
+                await trio.to_thread.run_sync(self._store.drop, digest, layer.store_scope)
             log.error("layer-verified=false layer=%s reason=%s", digest, error)
         except Exception as error:
             # Anything else (the registry, ENOSPC, a bug): this task shares the nursery of the FUSE

@@ -79,6 +79,9 @@ class Layer:
     background_error: str = ""
     # The last read timed out (ChainSource.read then gives this layer's reads a short deadline).
     degraded: bool = False
+    # Where the index is kept in the index store ("" trusted, else its provenance scope); None:
+    # not kept. A layer whose index fails the completion check has it dropped from there.
+    store_scope: str | None = None
     # Closes what the layer holds open besides its blob (a local tar's descriptor).
     on_close: list[Callable[[], None]] = field(default_factory=list)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from index.consistency import check_index
 from index.errors import DigestMismatch, LayerFormatError
 from index.estargz import EstargzLayer, read_estargz
 from index.model import LayerFormat, LayerIndex
@@ -156,6 +157,15 @@ def refusal(index: LayerIndex, descriptor: Descriptor, toc_digest: str = "", dif
             f"{len(index.span_digests)} span digests of {index.span_size} bytes; "
             f"{spans} of {SPAN_SIZE} bytes are needed to verify every fetched byte"
         )
+    return _inconsistency(index, descriptor, expected)
+
+
+def _inconsistency(index: LayerIndex, descriptor: Descriptor, expected: LayerFormat) -> str:
+    """What in ``index`` does not fit its blob (offsets, counts, overlaps), or ""."""
+    try:
+        check_index(index, blob_size=descriptor.size, span_size=SPAN_SIZE, expected_format=expected)
+    except LayerFormatError as error:
+        return str(error)
     return ""
 
 
@@ -211,6 +221,14 @@ class LayerResolver:
             blob.set_span_digests(index.span_digests)  # refusal() made sure they fit
         return blob
 
+    async def _stored_layer(
+        self, descriptor: Descriptor, index: LayerIndex, scope: str, source: IndexSource, reason: str
+    ) -> Layer:
+        """The layer served from an index kept in the store under ``scope``."""
+        layer = await self._layer(descriptor, index, source, reason)
+        layer.store_scope = scope
+        return layer
+
     async def _stored(
         self, descriptor: Descriptor, scope: str, toc_digest: str = "", diff_id: str = ""
     ) -> LayerIndex | None:
@@ -249,8 +267,8 @@ class LayerResolver:
         """
         stored = await self._stored(descriptor, "", diff_id=diff_id)
         if stored is not None:
-            return await self._layer(
-                descriptor, stored, IndexSource.STORED, "an index of this blob was stored earlier"
+            return await self._stored_layer(
+                descriptor, stored, "", IndexSource.STORED, "an index of this blob was stored earlier"
             )
         fmt = layer_format(descriptor.media_type)
         toc_digest = declared_toc_digest(descriptor)
@@ -265,7 +283,7 @@ class LayerResolver:
                     return await self._estargz_layer(descriptor, estargz, scope)
             else:
                 reason = "the blob's TOC, stored earlier, pinned by its toc.digest annotation"
-                return await self._layer(descriptor, from_toc, IndexSource.STORED, reason)
+                return await self._stored_layer(descriptor, from_toc, scope, IndexSource.STORED, reason)
         elif self._trust_published:
             published = await self._published_index(descriptor, diff_id)
             if published is not None:
@@ -298,8 +316,8 @@ class LayerResolver:
                 return None
             await trio.to_thread.run_sync(self._store.put, index, scope)
             fetched = self._published.bytes_fetched.get(descriptor.digest, 0)
-        layer = await self._layer(
-            descriptor, index, IndexSource.PUBLISHED, "an index published in the registry"
+        layer = await self._stored_layer(
+            descriptor, index, scope, IndexSource.PUBLISHED, "an index published in the registry"
         )
         layer.downloaded_bytes = fetched
         return layer
@@ -314,6 +332,7 @@ class LayerResolver:
             else "the blob's TOC (no toc.digest annotation: allowed by allow_unpinned_toc, nothing pins it)"
         )
         layer = await self._layer(descriptor, estargz.index, IndexSource.ESTARGZ, reason)
+        layer.store_scope = scope
         if estargz.prefetch_end <= self._settings.limits.landmark_max_bytes:
             layer.prefetch_end = estargz.prefetch_end  # fetched by prefetch_landmark()
         return layer
