@@ -369,4 +369,4 @@ class ChainCore:
             layer.background_error = f"{type(error).__name__}: {error}"
             log.warning("background-fetch-failed layer=%s error=%s", digest, layer.background_error)
         else:
-            log.info("layer-verified=true layer=%s", digest)
+            log.info("background-fetch-complete layer=%s layer-verified=true", digest)
