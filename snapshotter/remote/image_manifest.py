@@ -21,6 +21,8 @@ from snapshotter.remote.reference import Reference, validate_digest
 
 # containerd refuses manifests over 4 MiB; so do we, so a hostile registry cannot make us buffer gigabytes.
 MAX_MANIFEST_SIZE = 4 << 20
+# A descriptor's size is a Go int64 in containerd and the registry; a larger one is a lie.
+MAX_DESCRIPTOR_SIZE = (1 << 63) - 1
 _GOARCH = {
     "x86_64": "amd64",
     "amd64": "amd64",
@@ -103,7 +105,12 @@ class ResolvedImage:
 
 
 def parse_descriptor(obj: Any, context: str) -> Descriptor:
-    """Build a Descriptor from manifest JSON; raises RegistryError if a field is missing or mistyped."""
+    """Build a Descriptor from manifest JSON; raises RegistryError if a field is missing or mistyped.
+
+    The size must be a JSON integer (not a boolean) in Go's int64 range, as containerd reads it;
+    the digest must be ``sha256:``, the only algorithm lazysnap verifies blobs with; annotations
+    must map strings to strings and urls must be a list of strings, as the OCI spec says.
+    """
     if not isinstance(obj, dict):
         raise RegistryError(f"{context}: descriptor is not a JSON object")
     media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
@@ -111,17 +118,24 @@ def parse_descriptor(obj: Any, context: str) -> Descriptor:
         not isinstance(media_type, str)
         or not isinstance(digest, str)
         or not isinstance(size, int)
-        or size < 0
+        or isinstance(size, bool)
+        or not 0 <= size <= MAX_DESCRIPTOR_SIZE
     ):
         raise RegistryError(
             f"{context}: descriptor lacks mediaType, digest or a valid size: {json.dumps(obj)[:200]}"
         )
     validate_digest(digest, context)
+    if not digest.startswith("sha256:"):
+        raise RegistryError(
+            f"{context}: digest {digest[:80]!r} uses an algorithm lazysnap cannot verify (only sha256)"
+        )
     annotations = obj.get("annotations") or {}
+    if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+        raise RegistryError(f"{context}: descriptor annotations are not a map of strings to strings")
     urls = obj.get("urls") or []
-    return Descriptor(
-        media_type, digest, size, {str(k): str(v) for k, v in annotations.items()}, tuple(map(str, urls))
-    )
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise RegistryError(f"{context}: descriptor urls are not a list of strings")
+    return Descriptor(media_type, digest, size, dict(annotations), tuple(urls))
 
 
 def digest_of(data: bytes) -> str:
