@@ -14,9 +14,12 @@ DIGEST = "sha256:" + "ab" * 32
 
 def sample_index(digest: str = DIGEST) -> LayerIndex:
     """A small eStargz-like index: one directory and one file."""
-    entries = [Entry("d", EntryType.DIR, 0o755), Entry("d/f", EntryType.FILE, size=3, data_offset=512)]
+    entries = [
+        Entry("d", EntryType.DIR, 0o755, header_offset=0),
+        Entry("d/f", EntryType.FILE, size=3, data_offset=1024, header_offset=512),
+    ]
     return LayerIndex(
-        "application/vnd.oci.image.layer.v1.tar+gzip", LayerFormat.GZIP, digest, 100, "", 0, entries
+        "application/vnd.oci.image.layer.v1.tar+gzip", LayerFormat.GZIP, digest, 100, "", 2560, entries
     )
 
 
