@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import json
 import os
 import struct
@@ -233,7 +232,7 @@ def _entries(cols: dict[str, Any]) -> list[Entry]:
         raise ValueError("entry columns of different lengths")
     entries = list(map(Entry, *columns))
     # The whole columns at C speed first; one entry at a time only when something needs a look.
-    if not (columns_plainly_fine(cols) and _plainly_normal(cols)):
+    if not columns_plainly_fine(cols):
         for entry in entries:
             _check_entry(entry)
         return entries
@@ -259,15 +258,6 @@ _STR_FIELDS = ("path", "uname", "gname", "link_target")
 
 def _bad_chunk(chunk: Any) -> Chunk:
     raise _Invalid(f"chunk {shown(repr(chunk))} is not five integers and a digest")
-
-
-def _plainly_normal(cols: dict[str, Any]) -> bool:
-    """Whether every path and hardlink target is already normalized (no empty, ``.`` or ``..`` component), at C speed."""
-    paths = cols["path"]
-    targets = itertools.compress(cols["link_target"], map("hardlink".__eq__, cols["type"]))
-    # The root is the one legitimately empty path; "/\n/" joins the others without forming "//".
-    joined = "/" + "/\n/".join(itertools.chain(filter(None, paths), targets)) + "/"
-    return "//" not in joined and "/./" not in joined and "/../" not in joined
 
 
 def _check_entry(entry: Entry) -> None:
