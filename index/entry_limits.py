@@ -13,8 +13,9 @@ The limits, and why:
 - uid and gid are 32 bits (``uid_t``): chown and pyfuse3 refuse anything else;
 - sizes and offsets fit in a signed 64-bit ``off_t`` (pyfuse3's ``st_size`` is a C long);
 - device numbers fit the kernel's ``dev_t``: major below 2^12, minor below 2^20 (mknod refuses more);
-- the mode holds permission bits only (``0o7777``); the type lives in ``Entry.type``;
-- mtimes fit in 64-bit nanoseconds (``st_mtime_ns``);
+- the mode holds permission bits only (``0o7777``); the type lives in ``Entry.type`` (the tar and
+  TOC parsers keep ``mode & 0o7777``, as the eager unpack's chmod does; a stored index must);
+- mtimes fit in 64-bit nanoseconds (``st_mtime_ns``: years 1677 to 2262);
 - a path component is at most ``NAME_MAX`` (255) bytes, a path and a symlink target are shorter
   than ``PATH_MAX`` (4096, which counts the terminating NUL); none holds a NUL byte;
 - an xattr name is 1..255 bytes without NUL, a value at most ``XATTR_SIZE_MAX`` (64 KiB), and the
