@@ -175,7 +175,11 @@ def columns_plainly_fine(columns: Mapping[str, Sequence[Any]]) -> bool:
         # The root is the one empty path. Joined by "/", a path that is not normalized shows as
         # "//", "/./" or "/../", or at either end; and so does a NUL anywhere.
         joined = "/".join(filter(None, paths))
-        hardlinked = "/".join(itertools.compress(targets, map("hardlink".__eq__, types)))
+        hardlinked = (
+            "/".join(itertools.compress(targets, map("hardlink".__eq__, types)))
+            if "hardlink" in types
+            else ""
+        )
         linked = "".join(targets)  # TypeError unless all are str
     except TypeError:  # a column of another type than its field's
         return False
@@ -189,7 +193,7 @@ def columns_plainly_fine(columns: Mapping[str, Sequence[Any]]) -> bool:
     if not (_all_within(paths, PATH_MAX - 1) and _all_within(targets, PATH_MAX - 1)):
         return False
     # A path within NAME_MAX bytes has no longer component; only the components of longer ones are looked at.
-    if not _all_within(paths, NAME_MAX):
+    if max(map(len, paths), default=0) > _SURELY_SHORT and not _all_within(paths, NAME_MAX):
         long_paths = itertools.compress(paths, map(_SURELY_SHORT.__lt__, map(len, paths)))
         if not _all_within("/".join(long_paths).split("/"), NAME_MAX):
             return False
