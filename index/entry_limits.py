@@ -193,7 +193,7 @@ def columns_plainly_fine(columns: Mapping[str, Sequence[Any]]) -> bool:
     if not (_all_within(paths, PATH_MAX - 1) and _all_within(targets, PATH_MAX - 1)):
         return False
     # A path within NAME_MAX bytes has no longer component; only the components of longer ones are looked at.
-    if max(map(len, paths), default=0) > _SURELY_SHORT and not _all_within(paths, NAME_MAX):
+    if not _all_within(paths, NAME_MAX):
         long_paths = itertools.compress(paths, map(_SURELY_SHORT.__lt__, map(len, paths)))
         if not _all_within("/".join(long_paths).split("/"), NAME_MAX):
             return False
