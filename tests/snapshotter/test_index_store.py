@@ -16,7 +16,7 @@ def sample_index(digest: str = DIGEST) -> LayerIndex:
     """A small eStargz-like index: one directory and one file."""
     entries = [Entry("d", EntryType.DIR, 0o755), Entry("d/f", EntryType.FILE, size=3, data_offset=512)]
     return LayerIndex(
-        "application/vnd.oci.image.layer.v1.tar+gzip", LayerFormat.GZIP, digest, 100, "", 0, entries
+        "application/vnd.oci.image.layer.v1.tar+gzip", LayerFormat.GZIP, digest, 100, "", 1024, entries
     )
 
 
