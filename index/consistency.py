@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterable
 
 from index.errors import LayerFormatError
 from index.model import Entry, EntryType, LayerFormat, LayerIndex
@@ -57,9 +58,9 @@ def check_index(index: LayerIndex, *, blob_size: int, span_size: int, expected_f
         )
 
 
-def entry_ranges_problem(index: LayerIndex) -> str | None:
-    """Return why some file's data or chunks lie outside the sizes ``index`` states, or None; never raises."""
-    for entry in index.entries:
+def entry_ranges_problem(index: LayerIndex, entries: Iterable[Entry] | None = None) -> str | None:
+    """Return why some file's data or chunks (of ``entries``, default all) lie outside the sizes ``index`` states, or None; never raises."""
+    for entry in index.entries if entries is None else entries:
         if entry.chunks:
             problem = _chunks_problem(entry, index.compressed_size)
         elif entry.type is EntryType.FILE and entry.size:

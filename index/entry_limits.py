@@ -13,8 +13,9 @@ The limits, and why:
 - uid and gid are 32 bits (``uid_t``): chown and pyfuse3 refuse anything else;
 - sizes and offsets fit in a signed 64-bit ``off_t`` (pyfuse3's ``st_size`` is a C long);
 - device numbers fit the kernel's ``dev_t``: major below 2^12, minor below 2^20 (mknod refuses more);
-- the mode holds permission bits only (``0o7777``); the type lives in ``Entry.type``;
-- mtimes fit in 64-bit nanoseconds (``st_mtime_ns``);
+- the mode holds permission bits only (``0o7777``); the type lives in ``Entry.type`` (the tar and
+  TOC parsers keep ``mode & 0o7777``, as the eager unpack's chmod does; a stored index must);
+- mtimes fit in 64-bit nanoseconds (``st_mtime_ns``: years 1677 to 2262);
 - a path component is at most ``NAME_MAX`` (255) bytes, a path and a symlink target are shorter
   than ``PATH_MAX`` (4096, which counts the terminating NUL); none holds a NUL byte;
 - an xattr name is 1..255 bytes without NUL, a value at most ``XATTR_SIZE_MAX`` (64 KiB), and the
@@ -47,22 +48,21 @@ XATTR_LIST_MAX = 1 << 16
 # A str of this many characters encodes to at most NAME_MAX bytes (4 bytes a character at most):
 # the usual short path needs no encoding to know its components are short enough.
 _SURELY_SHORT = NAME_MAX // 4
-# A str of this many characters encodes to less than PATH_MAX bytes.
-_SURELY_SHORT_PATH = (PATH_MAX - 1) // 4
-# A run of characters that may encode to more than NAME_MAX bytes, within one path component.
-_LONG_COMPONENT = re.compile(f"[^/]{{{_SURELY_SHORT + 1}}}")
 _SHOWN = 300  # characters of a name quoted in a message
-# The integer fields of an entry and their ranges, for columns_plainly_fine.
+# The integer fields of an entry, their ranges, and whether a layer has few distinct values of
+# them (then a set of the column is built in one pass, faster than a min and a max).
 _COLUMN_RANGES = (
-    ("uid", 0, MAX_ID),
-    ("gid", 0, MAX_ID),
-    ("size", 0, MAX_SIZE),
-    ("mode", 0, MAX_MODE),
-    ("mtime_ns", MTIME_NS_START, MTIME_NS_END - 1),
-    ("devmajor", 0, MAX_DEV_MAJOR),
-    ("devminor", 0, MAX_DEV_MINOR),
-    ("data_offset", -1, MAX_SIZE),
+    ("uid", 0, MAX_ID, True),
+    ("gid", 0, MAX_ID, True),
+    ("size", 0, MAX_SIZE, False),
+    ("mode", 0, MAX_MODE, True),
+    ("mtime_ns", MTIME_NS_START, MTIME_NS_END - 1, True),
+    ("devmajor", 0, MAX_DEV_MAJOR, True),
+    ("devminor", 0, MAX_DEV_MINOR, True),
+    ("data_offset", -1, MAX_SIZE, False),
 )
+# An empty, "." or ".." component inside names joined by "/".
+_UNNORMAL = re.compile(r"/\.{0,2}/")
 
 
 def shown(name: str) -> str:
@@ -157,29 +157,60 @@ def columns_plainly_fine(columns: Mapping[str, Sequence[Any]]) -> bool:
     """Whether entry columns (field name to values, as a stored index holds them) are plainly within the limits.
 
     A C-speed screen for a whole index: True means ``entry_problem`` finds nothing in any entry
-    on these fields; False means some value needs a closer look. Numbers are compared, not
+    on these fields, and every path and hardlink target is normalized (as ``normalize_path``
+    leaves it); False means some value needs a closer look. Numbers are compared, not
     type-checked: the caller refuses floats when it parses (``bool`` passes, as the int it is).
     """
     try:
-        for field, low, high in _COLUMN_RANGES:
+        for field, low, high, few in _COLUMN_RANGES:
             values = columns.get(field, ())
-            if values and not (low <= min(values) and max(values) <= high):
+            distinct = set(values) if few else values  # one pass over a column of a few distinct values
+            if values and not (low <= min(distinct) and max(distinct) <= high):
                 return False
-        paths, targets = columns.get("path", ()), columns.get("link_target", ())
-        if (paths and max(map(len, paths)) > _SURELY_SHORT_PATH) or (
-            targets and max(map(len, targets)) > _SURELY_SHORT_PATH
-        ):
-            return False
-        joined, linked = "/".join(paths), "".join(targets)  # TypeError unless all are str
+        paths, targets, types = (
+            columns.get("path", ()),
+            columns.get("link_target", ()),
+            columns.get("type", ()),
+        )
+        # The root is the one empty path. Joined by "/", a path that is not normalized shows as
+        # "//", "/./" or "/../", or at either end; and so does a NUL anywhere.
+        joined = "/".join(filter(None, paths))
+        hardlinked = (
+            "/".join(itertools.compress(targets, map("hardlink".__eq__, types)))
+            if "hardlink" in types
+            else ""
+        )
+        linked = "".join(targets)  # TypeError unless all are str
     except TypeError:  # a column of another type than its field's
         return False
-    # Only a path longer than a component can be has to be looked into for one.
-    long_paths = "/".join(itertools.compress(paths, map(_SURELY_SHORT.__lt__, map(len, paths))))
-    if "\x00" in joined or "\x00" in linked or _LONG_COMPONENT.search(long_paths):
+    for names in (joined, hardlinked):
+        if names.startswith(("/", "./", "../")) or names.endswith(("/", "/.", "/..")) or names in (".", ".."):
+            return False
+        if _UNNORMAL.search(names):
+            return False
+    if "\x00" in joined or "\x00" in linked:
         return False
+    if not (_all_within(paths, PATH_MAX - 1) and _all_within(targets, PATH_MAX - 1)):
+        return False
+    # A path within NAME_MAX bytes has no longer component; only the components of longer ones are looked at.
+    if not _all_within(paths, NAME_MAX):
+        long_paths = itertools.compress(paths, map(_SURELY_SHORT.__lt__, map(len, paths)))
+        if not _all_within("/".join(long_paths).split("/"), NAME_MAX):
+            return False
     # An empty symlink target is the one thing entry_problem refuses that no range shows.
-    symlink_targets = itertools.compress(targets, map("symlink".__eq__, columns.get("type", ())))
-    return "" not in symlink_targets
+    return "" not in itertools.compress(targets, map("symlink".__eq__, types))
+
+
+def _all_within(names: Sequence[str], limit: int) -> bool:
+    """Whether every name encodes to at most ``limit`` bytes; at C speed when the names are ASCII, as nearly all are."""
+    longest = max(map(len, names), default=0)
+    if longest * 4 <= limit:  # at most 4 bytes a character
+        return True
+    if longest > limit:  # at least a byte a character
+        return False
+    if "".join(names).isascii():  # a byte a character
+        return True
+    return all(len(os.fsencode(name)) <= limit for name in names if len(name) * 4 > limit)
 
 
 def chunk_problem(chunk: Chunk) -> str | None:
