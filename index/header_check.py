@@ -12,8 +12,10 @@ Where the run lies depends on the format. Tar, gzip and zstd: from ``Entry.heade
 through the same verified spans as the data (``index.reader.LayerReader``). eStargz: a file's
 headers follow the previous file's data in the gzip member holding it, so the member from
 ``Entry.header_member`` on is decompressed up to the first chunk (``check_estargz_header``);
-of the headers there, the last must be the file's. Empty files and other entry types have no
-bytes to mislabel: ``index.completion_check`` checks them when the layer completes.
+of the headers there, the last must be the file's. (No digest pins those header bytes, only
+the members' CRCs: against a registry that alters them the pinned check is the completion
+check's, against the verified blob.) Empty files and other entry types have no bytes to
+mislabel: ``index.completion_check`` checks them when the layer completes.
 
 Raises ``MappingMismatch`` (an ``IntegrityError``) naming the layer, the path and the field.
 """

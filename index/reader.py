@@ -7,7 +7,9 @@ those compressed bytes), and keeps the result in a bounded LRU, so the many smal
 span are inflated once; concurrent readers of a span share one decode. Plain tar
 is sliced directly; eStargz files are read chunk by chunk, each chunk verified against its
 digest. Bytes from ``read_range`` are trusted to be verified already (the blob cache checks
-them against ``LayerIndex.span_digests``).
+them against ``LayerIndex.span_digests``). Before the first bytes of a file are returned, the
+tar header before them must name the file (``index.header_check``): an index that maps a file
+to another's bytes fails there with ``MappingMismatch``.
 """
 
 from __future__ import annotations
@@ -286,14 +288,31 @@ class LayerReader:
         layer = self.index.digest
         head, data_offset = header_range(layer, entry)
         start = data_offset + offset
-        if self._near(head, data_offset, start):  # the usual first read, at or near the file's start
+        if not self._near(head, data_offset, start):
+            check_header_run(
+                layer,
+                entry,
+                await self._read_stream(entry, head, data_offset - head),
+                head,
+                data_offset,
+                exact=True,
+            )
+            return await self._read_stream(entry, start, n)
+        try:  # the usual first read, at or near the file's start: one fetch
             both = await self._read_stream(entry, head, start + n - head)
-            run, data = both[: data_offset - head], both[start - head :]
-        else:
-            run = await self._read_stream(entry, head, data_offset - head)
-            data = await self._read_stream(entry, start, n)
-        check_header_run(layer, entry, run, head, data_offset, exact=True)
-        return data
+        except LayerFormatError:
+            # A lying size or offset can put the data past the stream's end: say so if the header does.
+            check_header_run(
+                layer,
+                entry,
+                await self._read_stream(entry, head, data_offset - head),
+                head,
+                data_offset,
+                exact=True,
+            )
+            raise
+        check_header_run(layer, entry, both[: data_offset - head], head, data_offset, exact=True)
+        return both[start - head :]
 
     def _near(self, head: int, data_offset: int, start: int) -> bool:
         """Whether the header run ``[head, data_offset)`` is read with the data at ``start`` in one go, at no extra cost."""

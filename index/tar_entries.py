@@ -389,9 +389,12 @@ class TarEntryParser:
         entry.devminor = devminor
         entry.data_offset = data_offset
         entry.chunks = ()
-        entry.header_offset = offset if self._run_start < 0 else self._run_start
         entry.header_member = -1
-        self._run_start = -1
+        if self._run_start < 0:  # no extension records: the run is the header block alone
+            entry.header_offset = offset
+        else:
+            entry.header_offset = self._run_start
+            self._run_start = -1
         entry.__class__ = Entry
         # Every field against what Linux allows (index.entry_limits): ids, sizes, times, device
         # numbers, name lengths, xattrs. A layer the eager unpack cannot apply is refused here.

@@ -151,3 +151,13 @@ def with_toc(written: EstargzBlob, toc: dict[str, Any]) -> bytes:
 def entry_named(index: LayerIndex, path: str) -> Entry:
     """The last entry of ``index`` at ``path``."""
     return [e for e in index.entries if e.path == path][-1]
+
+
+async def overlapping_chunks_layer() -> tuple[LayerIndex, bytes, EstargzBlob]:
+    """Files a and b (100 bytes each) in an eStargz blob whose TOC gives b a's chunk; the index, blob, and the genuine writing."""
+    written = build_estargz([file("a", "A" * 100), file("b", "B" * 100)])
+    toc = written.toc
+    a, b = toc["entries"]
+    b.update(offset=a["offset"], chunkDigest=a["chunkDigest"])
+    blob = with_toc(written, toc)
+    return await estargz_index(blob), blob, written

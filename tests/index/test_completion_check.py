@@ -13,12 +13,9 @@ from index.model import Entry, EntryType, LayerIndex
 from tests.index.conftest import (
     LAYER_KINDS,
     entry_named,
-    estargz_index,
+    overlapping_chunks_layer,
     trust_layer,
-    with_toc,
 )
-from tests.support.estargz_writer import build_estargz
-from tests.support.image_builder import file
 
 
 def pieces(blob: bytes, size: int = 1000) -> list[bytes]:
@@ -119,12 +116,7 @@ async def test_a_later_entry_for_a_path_replaces_an_earlier_one(kind: str) -> No
 
 async def test_an_estargz_toc_with_overlapping_chunks_is_reported() -> None:
     """An eStargz TOC that gives file b file a's chunk is reported: b's chunk does not lie at b's bytes in the tar."""
-    written = build_estargz([file("a", "A" * 100), file("b", "B" * 100)])
-    toc = written.toc
-    a, b = toc["entries"]
-    b.update(offset=a["offset"], chunkDigest=a["chunkDigest"])
-    blob = with_toc(written, toc)
-    index = await estargz_index(blob)
+    index, blob, written = await overlapping_chunks_layer()
     a_data, b_data = written.tar.index(b"A" * 100), written.tar.index(b"B" * 100)
     assert compare_with_blob(index, pieces(blob)) == [
         f"'b': chunk at 0: tar offset: index {a_data}, tar {b_data}"

@@ -17,15 +17,12 @@ from tests.index.conftest import (
     TRUST_ENTRIES,
     blob_source,
     entry_named,
-    estargz_index,
     file_info,
     make_tar,
     other_info,
+    overlapping_chunks_layer,
     trust_layer,
-    with_toc,
 )
-from tests.support.estargz_writer import build_estargz
-from tests.support.image_builder import file
 
 CONTENT = {e.path: e.content for e in TRUST_ENTRIES if e.kind == "file"}  # the later copy of a path wins
 
@@ -156,12 +153,7 @@ async def test_an_invented_file_with_data_fails_and_one_without_passes(kind: str
 
 async def test_an_estargz_file_given_another_files_chunk_fails_at_its_first_read() -> None:
     """An eStargz TOC whose chunks overlap (file b given file a's chunk) fails b's first read."""
-    written = build_estargz([file("a", "A" * 100), file("b", "B" * 100)])
-    toc = written.toc
-    a, b = toc["entries"]
-    b.update(offset=a["offset"], chunkDigest=a["chunkDigest"])
-    blob = with_toc(written, toc)
-    index = await estargz_index(blob)
+    index, blob, _ = await overlapping_chunks_layer()
     reader = LayerReader(index, blob_source(blob))
     assert await reader.read(index.entries[0], 0, 100) == b"A" * 100
     with pytest.raises(MappingMismatch) as caught:

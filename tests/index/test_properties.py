@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import random
 import tarfile
 from decimal import Decimal
 
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from index.builder import build_index
-from index.errors import IntegrityError, LayerFormatError
+from index.completion_check import compare_with_blob
+from index.errors import IntegrityError, LayerFormatError, MappingMismatch
 from index.model import EntryType
 from index.reader import LayerReader
 from index.tar_entries import normalize_path
@@ -115,11 +118,13 @@ def _chunked(blob: bytes, sizes: list[int]) -> list[bytes]:
 def test_reads_through_index_equal_tarfile(
     tar: bytes, compression: str, spacing: int, chunk_sizes: list[int], data: st.DataObject
 ) -> None:
-    """Every entry's metadata and every random read through the index match tarfile; DiffID is sha256 of the tar."""
+    """Every entry's metadata and every random read (each file's first one checking its header) through the index
+    match tarfile; DiffID is sha256 of the tar; the completion check finds no difference."""
     fmt, compress = COMPRESSORS[compression]
     blob = compress(tar)
     index = build_index("test", fmt, _chunked(blob, chunk_sizes), gzip_spacing=spacing)
     assert index == build_index("test", fmt, [blob], gzip_spacing=spacing)
+    assert compare_with_blob(index, _chunked(blob, chunk_sizes)) == []
     assert index.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
     assert index.digest == "sha256:" + hashlib.sha256(blob).hexdigest()
     assert index.uncompressed_size == len(tar)
@@ -206,3 +211,41 @@ def test_damaged_blobs_fail_cleanly(
         assert "sha256:" in str(exc)  # names the layer
     else:
         assert bytes(blob) == original  # a damaged blob never passes the digest check
+
+
+_LIES = {
+    "mode": lambda e, other: {"mode": e.mode ^ 0o4000},
+    "uid": lambda e, other: {"uid": e.uid + 1},
+    "size": lambda e, other: {"size": e.size + 1},
+    "data": lambda e, other: {"data_offset": other.data_offset, "header_offset": other.header_offset},
+}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    tar=layers(),
+    compression=st.sampled_from(sorted(COMPRESSORS)),
+    lie=st.sampled_from(sorted(_LIES)),
+    pick=st.tuples(st.integers(0, 1000), st.integers(1, 1000)),
+)
+def test_any_lie_about_a_file_is_caught_at_its_first_read_and_at_completion(
+    tar: bytes, compression: str, lie: str, pick: tuple[int, int]
+) -> None:
+    """A file given another mode, owner, size or another file's bytes fails its first read and is reported at completion."""
+    fmt, compress = COMPRESSORS[compression]
+    blob = compress(tar)
+    index = build_index("test", fmt, [blob])
+    files = [e for e in index.entries if e.type is EntryType.FILE and e.size > 0]
+    if len(files) < 2:
+        return
+    target = files[pick[0] % len(files)]
+    other = files[(pick[0] + pick[1] % (len(files) - 1) + 1) % len(files)]  # any file but the target
+    liar = dataclasses.replace(target, **_LIES[lie](target, other))  # type: ignore[arg-type]
+    entries = [liar if e is target else e for e in index.entries]
+    assert compare_with_blob(dataclasses.replace(index, entries=entries), [blob]) != []
+
+    async def first_read() -> None:
+        with pytest.raises(MappingMismatch):
+            await LayerReader(index, blob_source(blob)).read(liar, 0, liar.size)
+
+    trio.run(first_read)
