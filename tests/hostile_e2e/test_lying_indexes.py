@@ -15,15 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import trio
 
-from index.builder import LayerIndexBuilder
 from index.model import Entry, LayerFormat, LayerIndex
-from snapshotter.layers.published import publish_indexes
 from snapshotter.layers.sources import HOW_DOWNLOADED, HOW_STORED
-from snapshotter.remote.client import RegistryClient
-from snapshotter.remote.media_types import layer_format
-from snapshotter.remote.reference import parse_reference
 from tests.support.hostile import (
     BIG,
     TWIN_A,
@@ -31,7 +25,9 @@ from tests.support.hostile import (
     Victim,
     assert_all_correct,
     assert_daemon_alive,
+    honest_index,
     layer_stats,
+    publish,
     push_victim,
     read_file,
 )
@@ -39,27 +35,6 @@ from tests.support.lazysnap_cli import CliSession, push
 from tests.support.registry import TestRegistry
 
 Lie = Callable[[LayerIndex, Victim], LayerIndex]
-
-
-def honest_index(victim: Victim) -> LayerIndex:
-    """The index lazysnap itself would build of the victim's layer."""
-    descriptor = victim.image.layers[0]
-    builder = LayerIndexBuilder(
-        descriptor.media_type, layer_format(descriptor.media_type), digest=descriptor.digest
-    )
-    builder.feed(victim.layer.blob)
-    return builder.finish()
-
-
-def publish(ref: str, indexes: list[LayerIndex]) -> None:
-    """Publish ``indexes`` next to the image at ``ref``, as ``lazysnap index push`` does."""
-
-    async def run() -> None:
-        async with RegistryClient(docker_config_path="/nonexistent/config.json") as client:
-            image = await client.resolve(parse_reference(ref))
-            await publish_indexes(client, image, indexes)
-
-    trio.run(run)
 
 
 def entry(index: LayerIndex, path: str) -> Entry:
