@@ -18,9 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import trio
+
+from index.builder import LayerIndexBuilder
+from index.model import LayerIndex
 from snapshotter.devtools.image_builder import Layer, PushedImage, TarEntry, file, make_layer
+from snapshotter.layers.published import publish_indexes
 from snapshotter.layers.sources import TOC_DIGEST_ANNOTATION
 from snapshotter.mount.state import pid_alive
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.media_types import layer_format
+from snapshotter.remote.reference import parse_reference
 from tests.support.estargz_writer import build_estargz
 from tests.support.lazysnap_cli import CliSession, push
 from tests.support.registry import TestRegistry
@@ -164,3 +172,24 @@ def through(proxy: TamperingProxy, image: PushedImage, *, by_digest: bool = Fals
     if by_digest:
         return f"{proxy.host}/{repository}@{image.manifest_digest}"
     return f"{proxy.host}/{repository}:{image.reference.tag}"
+
+
+def honest_index(victim: Victim) -> LayerIndex:
+    """The index lazysnap itself would build of the victim's layer."""
+    descriptor = victim.image.layers[0]
+    builder = LayerIndexBuilder(
+        descriptor.media_type, layer_format(descriptor.media_type), digest=descriptor.digest
+    )
+    builder.feed(victim.layer.blob)
+    return builder.finish()
+
+
+def publish(ref: str, indexes: list[LayerIndex]) -> None:
+    """Publish ``indexes`` next to the image at ``ref``, as ``lazysnap index push`` does."""
+
+    async def run() -> None:
+        async with RegistryClient(docker_config_path="/nonexistent/config.json") as client:
+            image = await client.resolve(parse_reference(ref))
+            await publish_indexes(client, image, indexes)
+
+    trio.run(run)
