@@ -9,6 +9,8 @@ re-exported where it used to live. The gRPC status each class maps to (in
     LazysnapError                          index.errors            INTERNAL
      +-- IntegrityError                    index.errors            DATA_LOSS
      |    +-- DigestMismatch               index.errors            DATA_LOSS
+     |    +-- MappingMismatch              index.errors            DATA_LOSS
+     |    +-- IndexMismatch                index.errors            DATA_LOSS
      +-- LayerFormatError                  index.errors            FAILED_PRECONDITION
      |    +-- UnsafePath                   index.errors            FAILED_PRECONDITION
      |    +-- TruncatedLayer               index.errors            FAILED_PRECONDITION
@@ -50,10 +52,12 @@ from __future__ import annotations
 
 from index.errors import (
     DigestMismatch,
+    IndexMismatch,
     IndexVersionError,
     IntegrityError,
     LayerFormatError,
     LazysnapError,
+    MappingMismatch,
     TruncatedLayer,
     UnsafePath,
 )
@@ -67,6 +71,7 @@ __all__ = [
     "FailedPrecondition",
     "FetchError",
     "FetchTimeout",
+    "IndexMismatch",
     "IndexVersionError",
     "IntegrityError",
     "InvalidArgument",
@@ -74,6 +79,7 @@ __all__ = [
     "LayerFormatError",
     "LazysnapError",
     "LinkError",
+    "MappingMismatch",
     "MountNotFound",
     "MountPointError",
     "NoMatchingPlatform",

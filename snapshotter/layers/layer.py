@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from index.errors import IntegrityError, LayerFormatError, LazysnapError
+from index.errors import IntegrityError, LayerFormatError, LazysnapError, MappingMismatch
 from index.model import Entry, EntryType, LayerIndex
 from index.readahead import SiblingReadahead
 from index.reader import LayerReader, plan_read
@@ -106,6 +106,12 @@ class Layer:
         except (IntegrityError, LayerFormatError) as error:
             if entry.chunks:
                 self._forget_chunks(entry, offset, length, error)
+            elif isinstance(error, MappingMismatch):
+                # Span-verified bytes whose header names another file: the index lies. Nothing
+                # more is served from it; the completion check would stop the layer anyway.
+                self.failed = str(error)
+                self.blob.stats.integrity_failures += 1
+                log.error("layer-verified=false layer=%s reason=%s", self.descriptor.digest, error)
             raise
 
     async def prefetch_landmark(self) -> None:
@@ -167,8 +173,10 @@ class Layer:
         chunks = [
             c for c in entry.chunks if c.file_offset < offset + length and c.file_offset + c.size > offset
         ]
-        for chunk in chunks:
-            self.blob.forget(chunk.blob_offset, chunk.blob_end - chunk.blob_offset)
+        # What the read fetched: its chunks and, at a first read, the member holding its header
+        # (covered only by the gzip CRC, so bad bytes there would otherwise stay cached too).
+        for piece in plan_read(self.index, entry, offset, length):
+            self.blob.forget(piece.offset, piece.length)
         self.blob.stats.integrity_failures += 1
         log.warning(
             "chunk-integrity-failure layer=%s path=%s blob_bytes=%d-%d: %s",

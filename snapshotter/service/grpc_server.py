@@ -22,10 +22,12 @@ from google.protobuf import empty_pb2, timestamp_pb2
 
 from index.errors import (
     DigestMismatch,
+    IndexMismatch,
     IndexVersionError,
     IntegrityError,
     LayerFormatError,
     LazysnapError,
+    MappingMismatch,
     TruncatedLayer,
     UnsafePath,
 )
@@ -76,6 +78,8 @@ STATUS_CODES: dict[type[LazysnapError], grpc.StatusCode] = {
     LazysnapError: _S.INTERNAL,
     IntegrityError: _S.DATA_LOSS,
     DigestMismatch: _S.DATA_LOSS,
+    MappingMismatch: _S.DATA_LOSS,
+    IndexMismatch: _S.DATA_LOSS,
     # The call was well formed; the layer it names can't be served: a precondition, not an argument.
     LayerFormatError: _S.FAILED_PRECONDITION,
     UnsafePath: _S.FAILED_PRECONDITION,

@@ -189,7 +189,10 @@ def test_estargz_image_runs_lazily(stack: LazysnapStack, registry: TestRegistry)
     image = push_estargz(registry, "estargz")
     fraction = _pull_and_run_lazily(stack, registry, image, "estargz-run")
     print(f"estargz: fetched {fraction:.1%} of {image.layer_bytes} layer bytes before the container ran")
-    assert fraction < 0.5
+    # The first read of data/small.txt checks its tar header, which an eStargz writer puts in the
+    # member holding big.bin's last 4 MiB chunk: that member comes too (the price of catching a
+    # TOC that maps a file to another file's bytes at its first read). big.bin's first chunk does not.
+    assert fraction < 0.5 + (4 << 20) / image.layer_bytes
 
 
 def test_indexed_gzip_image_runs_lazily(stack: LazysnapStack, registry: TestRegistry, tmp_path: Path) -> None:
