@@ -288,28 +288,19 @@ class LayerReader:
         layer = self.index.digest
         head, data_offset = header_range(layer, entry)
         start = data_offset + offset
+
+        async def check_alone() -> None:
+            run = await self._read_stream(entry, head, data_offset - head)
+            check_header_run(layer, entry, run, head, data_offset, exact=True)
+
         if not self._near(head, data_offset, start):
-            check_header_run(
-                layer,
-                entry,
-                await self._read_stream(entry, head, data_offset - head),
-                head,
-                data_offset,
-                exact=True,
-            )
+            await check_alone()
             return await self._read_stream(entry, start, n)
         try:  # the usual first read, at or near the file's start: one fetch
             both = await self._read_stream(entry, head, start + n - head)
         except LayerFormatError:
             # A lying size or offset can put the data past the stream's end: say so if the header does.
-            check_header_run(
-                layer,
-                entry,
-                await self._read_stream(entry, head, data_offset - head),
-                head,
-                data_offset,
-                exact=True,
-            )
+            await check_alone()
             raise
         check_header_run(layer, entry, both[: data_offset - head], head, data_offset, exact=True)
         return both[start - head :]
