@@ -41,10 +41,16 @@ from snapshotter.remote.reference import Reference
 log = logging.getLogger(__name__)
 
 DiffId = Callable[[], Awaitable[str]]
-# The deadline of a read of a layer whose last read timed out (see ChainSource.read): long enough
-# for a recovered registry to answer a span, short enough that the kernel's retries of a failed
-# read add little to the first timeout.
+# The deadline of a read of a layer whose last read timed out (see ChainSource.read), at most a
+# quarter of the read timeout: long enough for a recovered registry to answer a span, and the
+# first attempt gets the read timeout minus this, so a failed read and the kernel's retry of it
+# together stay within fuse.read_timeout_seconds.
 DEGRADED_READ_SECONDS = 5.0
+
+
+def retry_budget(read_timeout: float) -> float:
+    """The deadline of a read of a layer whose last read timed out."""
+    return min(DEGRADED_READ_SECONDS, read_timeout / 4)
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,8 @@ class ChainSource:
         # After a read of a layer timed out, the kernel retries it at once (a failed read-ahead is
         # followed by the synchronous read of the same pages): until a read of that layer succeeds
         # again its reads get a short deadline, so one outage costs one timeout, not one per retry.
-        timeout = min(self.read_timeout, DEGRADED_READ_SECONDS) if served.degraded else self.read_timeout
+        retry = retry_budget(self.read_timeout)
+        timeout = retry if served.degraded else self.read_timeout - retry
         with trio.move_on_after(timeout):
             data = await served.read(entry, offset, length)
             served.degraded = False
