@@ -174,7 +174,8 @@ class FuseConfig:
     # `ls -lR` of 20,000 files takes 9 s with 0 s timeouts and 0.14 s with any timeout >= 1 s.
     entry_timeout_seconds: float = _at_least(0, 3600.0)
     # Default 60 s (mount and serve): a read that needs the registry fails with EIO after this,
-    # however retries go, so a container never hangs on a dead registry.
+    # however retries go and counting the kernel's retry of a failed read, so a container never
+    # hangs on a dead registry.
     read_timeout_seconds: float = _above(0, 60.0)
     # Default "" (serve only): <root>/fuse. Where merged chains are mounted.
     mount_directory: str = ""
