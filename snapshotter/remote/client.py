@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, cast
 import httpx
 import trio
 
-from index.errors import DigestMismatch
-from snapshotter.errors import RangeNotSupported, RegistryError, UnsupportedMediaType
+from index.errors import DigestMismatch, IntegrityError
+from snapshotter.errors import RangeIgnored, RangeNotSupported, RegistryError, UnsupportedMediaType
 from snapshotter.remote import media_types as mt
 from snapshotter.remote.auth import Authenticator, default_docker_config_path, load_docker_config
 from snapshotter.remote.image_manifest import (
@@ -157,6 +157,10 @@ class RegistryClient:
         )
         # Blob body bytes received from the network (incl. bytes skipped when a registry ignored Range).
         self.bytes_fetched = 0
+        # Registries seen answering a Range request with the whole blob (200). Each range read of
+        # theirs would move the whole blob again (or what the kernel buffered of it), so their
+        # reads raise RangeIgnored at once, without a request: the caller fetches the blob whole.
+        self._range_ignored: set[str] = set()
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -244,40 +248,85 @@ class RegistryClient:
     async def load_diff_ids(self, image: ResolvedImage) -> list[str]:
         """Fetch the image config and return its DiffIDs, one per layer; raises RegistryError subclasses."""
         ref = image.reference
-        config = parse_json_object(ref, await self.fetch_blob(ref, image.config.digest), "config")
+        body = await self.fetch_blob(ref, image.config.digest, size=image.config.size, kind="config")
+        config = parse_json_object(ref, body, "config")
         return diff_ids_from_config(ref, config, len(image.layers))
 
     # -- blobs -----------------------------------------------------------------------------------
 
-    async def read_range(self, ref: Reference, digest: str, offset: int, length: int) -> bytes:
-        """Return blob bytes [offset, offset+length), clipped at the blob's end; raises FetchError, RangeNotSupported."""
+    def ignores_range(self, ref: Reference) -> bool:
+        """Whether ``ref``'s registry was seen answering a Range request with the whole blob."""
+        return ref.registry in self._range_ignored
+
+    async def read_range(
+        self, ref: Reference, digest: str, offset: int, length: int, *, kind: str = "blob"
+    ) -> bytes:
+        """Return blob bytes [offset, offset+length), clipped at the blob's end.
+
+        ``kind`` names the blob in errors ("layer", "config").
+
+        Raises:
+            RangeIgnored: the registry answers Range requests with the whole blob (now, or before:
+                then no request is sent); fetch the blob whole with ``stream_blob`` instead.
+            RangeNotSupported: the registry answered with another range.
+            FetchError: the registry could not be read after its retries.
+        """
         if offset < 0 or length < 0:
             raise ValueError(f"read_range: negative offset {offset} or length {length}")
         if length == 0:
             return b""
+        if self.ignores_range(ref):
+            raise RangeIgnored(_range_ignored_message(ref, f"{kind} {digest}"))
         parts: list[bytes] = []
-        async with aclosing(self._span_chunks(ref, digest, offset, offset + length, 1 << 20)) as chunks:
+        span = self._span_chunks(
+            ref, f"{kind} {digest}", digest, offset, offset + length, 1 << 20, whole=False
+        )
+        async with aclosing(span) as chunks:
             async for chunk in chunks:
                 parts.append(chunk)
         return b"".join(parts)
 
     async def stream_blob(
-        self, ref: Reference, digest: str, *, chunk_size: int = 1 << 20
+        self,
+        ref: Reference,
+        digest: str,
+        *,
+        chunk_size: int = 1 << 20,
+        size: int | None = None,
+        kind: str = "blob",
     ) -> AsyncGenerator[bytes, None]:
-        """Yield a whole blob in chunks; raises DigestMismatch at the end if it does not hash to ``digest``."""
-        hasher = _hasher(digest, f"image {ref}: blob {digest}")
-        async with aclosing(self._span_chunks(ref, digest, 0, None, chunk_size)) as chunks:
+        """Yield a whole blob in chunks, checked against its digest and (when given) the size its descriptor says.
+
+        ``kind`` names the blob in errors ("layer", "config").
+
+        Raises:
+            IntegrityError: the blob is longer than ``size`` (raised as soon as it is) or ends short of it.
+            DigestMismatch: at the end, the blob does not hash to ``digest``.
+            FetchError, RegistryError: the registry could not serve it.
+        """
+        what = f"{kind} {digest}"
+        hasher = _hasher(digest, f"image {ref}: {what}")
+        total = 0
+        async with aclosing(self._span_chunks(ref, what, digest, 0, None, chunk_size, whole=True)) as chunks:
             async for chunk in chunks:
+                total += len(chunk)
+                if size is not None and total > size:
+                    # A descriptor pins the size too: stop before moving more than it allows.
+                    raise _size_mismatch(ref, what, size, f"more than {size}")
                 hasher.update(chunk)
                 yield chunk
+        if size is not None and total != size:
+            raise _size_mismatch(ref, what, size, str(total))
         actual = f"{digest.partition(':')[0]}:{hasher.hexdigest()}"
         if actual != digest:
-            raise DigestMismatch(f"image {ref}: blob {digest}", digest, actual)
+            raise DigestMismatch(f"image {ref}: {what}", digest, actual)
 
-    async def fetch_blob(self, ref: Reference, digest: str) -> bytes:
-        """Return a whole (small) blob, verified against its digest; raises DigestMismatch, FetchError."""
+    async def fetch_blob(
+        self, ref: Reference, digest: str, *, size: int | None = None, kind: str = "blob"
+    ) -> bytes:
+        """Return a whole (small) blob, verified against its digest and size; raises IntegrityError, FetchError."""
         parts: list[bytes] = []
-        async with aclosing(self.stream_blob(ref, digest)) as chunks:
+        async with aclosing(self.stream_blob(ref, digest, size=size, kind=kind)) as chunks:
             async for chunk in chunks:
                 parts.append(chunk)
         return b"".join(parts)
@@ -293,15 +342,25 @@ class RegistryClient:
         return int(length)
 
     async def _span_chunks(
-        self, ref: Reference, digest: str, start: int, end: int | None, chunk_size: int
+        self,
+        ref: Reference,
+        what: str,
+        digest: str,
+        start: int,
+        end: int | None,
+        chunk_size: int,
+        *,
+        whole: bool,
     ) -> AsyncGenerator[bytes, None]:
         # Yields blob bytes [start, end) and resumes from where it stopped when a body breaks off.
+        # ``whole``: the caller wants the whole blob, so a 200 to a resuming Range request is
+        # skipped into; for a range read it raises RangeIgnored instead.
         position = start
         failures = 0
         while True:
             error: BaseException | str
             try:
-                async with self._open_span(ref, digest, position, end) as span:
+                async with self._open_span(ref, what, digest, position, end, whole=whole) as span:
                     span_start = position
                     async with aclosing(self._span_body(span, chunk_size)) as body:
                         async for chunk in body:
@@ -313,8 +372,7 @@ class RegistryClient:
             except httpx.TransportError as exc:
                 error = exc
             if failures >= self._session.policy.max_retries:
-                what = f"reading blob {digest} at {position}"
-                raise give_up(ref, what, failures + 1, error) from (
+                raise give_up(ref, f"reading {what} at {position}", failures + 1, error) from (
                     error if isinstance(error, BaseException) else None
                 )
             await trio.sleep(self._session.policy.backoff(failures))
@@ -361,9 +419,8 @@ class RegistryClient:
 
     @asynccontextmanager
     async def _open_span(
-        self, ref: Reference, digest: str, start: int, end: int | None
+        self, ref: Reference, what: str, digest: str, start: int, end: int | None, *, whole: bool
     ) -> AsyncIterator[_Span]:
-        what = f"blob {digest}"
         headers = {}
         if start > 0 or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
@@ -377,6 +434,11 @@ class RegistryClient:
                     return
                 raise RangeNotSupported(f"image {ref}: {what}: registry refused range {headers.get('Range')}")
             await self._session.check(ref, resp, what)
+            if resp.status_code == 200 and "Range" in headers and not whole:
+                # Leaving the body unread closes the connection: what the kernel buffered of it is
+                # all this detection costs, once per registry.
+                self._range_ignored.add(ref.registry)
+                raise RangeIgnored(_range_ignored_message(ref, what))
             yield _range_span(ref, what, resp, start, end)
 
     # -- uploads ---------------------------------------------------------------------------------
@@ -484,6 +546,19 @@ def _range_span(ref: Reference, what: str, response: httpx.Response, start: int,
     stop: int | None = end if total is None else (total if end is None else min(end, total))
     expected = None if stop is None else max(0, stop - start)
     return _Span(response, start, expected, more_follows=total is None or (stop is not None and stop < total))
+
+
+def _range_ignored_message(ref: Reference, what: str) -> str:
+    return (
+        f"image {ref}: {what}: registry {ref.registry} ignores Range requests (answers 200 with the "
+        "whole blob); fetch the blob whole"
+    )
+
+
+def _size_mismatch(ref: Reference, what: str, size: int, sent: str) -> IntegrityError:
+    return IntegrityError(
+        f"image {ref}: {what}: its descriptor's size is {size} bytes but the registry sent {sent} bytes"
+    )
 
 
 def _location(ref: Reference, response: httpx.Response, what: str) -> str:

@@ -128,12 +128,6 @@ def test_a_same_size_impostor_blob_is_never_served(
     assert not list(mountpoint.iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the LayerFormatError of the downloaded impostor (not a gzip member header) is raised inside MountDaemon.run's nursery and escapes "
-    "as an ExceptionGroup (see test_hostile_manifests.DAEMON_GROUP): the daemon dies with a traceback instead "
-    "of one line; fix in snapshotter/mount/daemon.py run(): `except* LazysnapError`",
-)
 def test_a_same_size_impostor_blob_is_reported_in_one_line(
     registry: TestRegistry, proxy: TamperingProxy, cli: CliSession, mountpoint: Path
 ) -> None:
