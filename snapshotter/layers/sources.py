@@ -207,26 +207,17 @@ class LayerResolver:
         self._whole: dict[str, WholeBlobFill] = {}  # by digest: the fill of a blob opened in the cache
 
     def _fetcher(self, descriptor: Descriptor) -> Callable[[int, int], Awaitable[bytes]]:
-        """Range reads of the blob; once its registry is seen ignoring Range, reads of its one whole-blob stream."""
+        """Range reads of the blob; where its registry ignores Range, reads of its one whole-blob stream."""
         whole = self._whole.setdefault(
             descriptor.digest, WholeBlobFill(self._client, self._reference, descriptor, self._nursery)
         )
+        return whole.fetch
 
-        async def fetch(offset: int, length: int) -> bytes:
-            try:
-                return await self._client.read_range(
-                    self._reference, descriptor.digest, offset, length, kind="layer"
-                )
-            except RangeIgnored:
-                if not whole.attached:
-                    raise  # a probe before the blob is in the cache: the caller downloads it instead
-            return await whole.read(offset, length)
-
-        return fetch
-
-    def _open_blob(self, descriptor: Descriptor, index: LayerIndex | None) -> CachedBlob:
-        """Open the blob in the cache: in span-sized chunks, or in small ones for an eStargz index."""
-        fine = index is not None and index.format is LayerFormat.ESTARGZ
+    def _open_blob(
+        self, descriptor: Descriptor, index: LayerIndex | None, *, fine: bool = False
+    ) -> CachedBlob:
+        """Open the blob in the cache: in span-sized chunks, or in small ones for an eStargz index (or ``fine``)."""
+        fine = fine or (index is not None and index.format is LayerFormat.ESTARGZ)
         blob = self._cache.open(
             descriptor.digest,
             descriptor.size,
@@ -405,6 +396,11 @@ class LayerResolver:
         # The blob's chunk size in the cache depends on what the probe finds: its reads go to the
         # registry directly and are handed to the cache afterwards (the tail holds file data too).
         fetch = self._fetcher(descriptor)
+        if toc_digest:
+            # Declared eStargz is cached in fine chunks whatever the probe finds (a broken TOC is
+            # an error, not a plain gzip blob). Open now: where the registry ignores Range, the
+            # probe's answer is the whole blob, and it goes straight into the cache.
+            self._open_blob(descriptor, None, fine=True)
         probed: list[tuple[int, bytes]] = []
 
         async def probe(offset: int, length: int) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from snapshotter.config import Config
 
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+# Takes the body of a 200 answered to a range read: the whole blob, from its first byte, checked
+# against its digest (and size) as it is iterated.
+WholeBody = Callable[[AsyncGenerator[bytes, None]], Awaitable[None]]
 
 
 def _hasher(digest: str, context: str) -> Any:
@@ -259,11 +263,24 @@ class RegistryClient:
         return ref.registry in self._range_ignored
 
     async def read_range(
-        self, ref: Reference, digest: str, offset: int, length: int, *, kind: str = "blob"
+        self,
+        ref: Reference,
+        digest: str,
+        offset: int,
+        length: int,
+        *,
+        kind: str = "blob",
+        size: int | None = None,
+        on_whole: WholeBody | None = None,
     ) -> bytes:
         """Return blob bytes [offset, offset+length), clipped at the blob's end.
 
-        ``kind`` names the blob in errors ("layer", "config").
+        Args:
+            kind: names the blob in errors ("layer", "config").
+            size: the blob's size, as its descriptor says; the whole body handed to ``on_whole``
+                is checked against it.
+            on_whole: when the registry answers with the whole blob, it is given that body (so
+                the blob moves once) before RangeIgnored is raised; without it the body is dropped.
 
         Raises:
             RangeIgnored: the registry answers Range requests with the whole blob (now, or before:
@@ -278,9 +295,9 @@ class RegistryClient:
         if self.ignores_range(ref):
             raise RangeIgnored(_range_ignored_message(ref, f"{kind} {digest}"))
         parts: list[bytes] = []
-        span = self._span_chunks(
-            ref, f"{kind} {digest}", digest, offset, offset + length, 1 << 20, whole=False
-        )
+        what = f"{kind} {digest}"
+        whole = _WholeAnswer(size, on_whole)
+        span = self._span_chunks(ref, what, digest, offset, offset + length, 1 << 20, whole)
         async with aclosing(span) as chunks:
             async for chunk in chunks:
                 parts.append(chunk)
@@ -305,21 +322,10 @@ class RegistryClient:
             FetchError, RegistryError: the registry could not serve it.
         """
         what = f"{kind} {digest}"
-        hasher = _hasher(digest, f"image {ref}: {what}")
-        total = 0
-        async with aclosing(self._span_chunks(ref, what, digest, 0, None, chunk_size, whole=True)) as chunks:
-            async for chunk in chunks:
-                total += len(chunk)
-                if size is not None and total > size:
-                    # A descriptor pins the size too: stop before moving more than it allows.
-                    raise _size_mismatch(ref, what, size, f"more than {size}")
-                hasher.update(chunk)
+        chunks = self._span_chunks(ref, what, digest, 0, None, chunk_size, None)
+        async with aclosing(_verified(ref, what, digest, size, chunks)) as verified:
+            async for chunk in verified:
                 yield chunk
-        if size is not None and total != size:
-            raise _size_mismatch(ref, what, size, str(total))
-        actual = f"{digest.partition(':')[0]}:{hasher.hexdigest()}"
-        if actual != digest:
-            raise DigestMismatch(f"image {ref}: {what}", digest, actual)
 
     async def fetch_blob(
         self, ref: Reference, digest: str, *, size: int | None = None, kind: str = "blob"
@@ -349,18 +355,17 @@ class RegistryClient:
         start: int,
         end: int | None,
         chunk_size: int,
-        *,
-        whole: bool,
+        whole: _WholeAnswer | None,
     ) -> AsyncGenerator[bytes, None]:
         # Yields blob bytes [start, end) and resumes from where it stopped when a body breaks off.
-        # ``whole``: the caller wants the whole blob, so a 200 to a resuming Range request is
-        # skipped into; for a range read it raises RangeIgnored instead.
+        # ``whole`` None: the caller wants the whole blob, so a 200 to a resuming Range request is
+        # skipped into; for a range read it says what to do with a 200 before raising RangeIgnored.
         position = start
         failures = 0
         while True:
             error: BaseException | str
             try:
-                async with self._open_span(ref, what, digest, position, end, whole=whole) as span:
+                async with self._open_span(ref, what, digest, position, end, whole) as span:
                     span_start = position
                     async with aclosing(self._span_body(span, chunk_size)) as body:
                         async for chunk in body:
@@ -419,7 +424,7 @@ class RegistryClient:
 
     @asynccontextmanager
     async def _open_span(
-        self, ref: Reference, what: str, digest: str, start: int, end: int | None, *, whole: bool
+        self, ref: Reference, what: str, digest: str, start: int, end: int | None, whole: _WholeAnswer | None
     ) -> AsyncIterator[_Span]:
         headers = {}
         if start > 0 or end is not None:
@@ -434,10 +439,14 @@ class RegistryClient:
                     return
                 raise RangeNotSupported(f"image {ref}: {what}: registry refused range {headers.get('Range')}")
             await self._session.check(ref, resp, what)
-            if resp.status_code == 200 and "Range" in headers and not whole:
-                # Leaving the body unread closes the connection: what the kernel buffered of it is
-                # all this detection costs, once per registry.
+            if resp.status_code == 200 and "Range" in headers and whole is not None:
                 self._range_ignored.add(ref.registry)
+                if whole.on_whole is not None:
+                    # The body is the whole blob: whoever asked for it takes it, so it moves once.
+                    body = self._span_body(_Span(resp, 0, None), 1 << 20)
+                    await whole.on_whole(_verified(ref, what, digest, whole.size, body))
+                # Else leaving the body unread closes the connection: what the kernel buffered
+                # of it is all this costs, once per registry.
                 raise RangeIgnored(_range_ignored_message(ref, what))
             yield _range_span(ref, what, resp, start, end)
 
@@ -502,6 +511,35 @@ class RegistryClient:
         )
         await self._session.check(ref, response, what)
         return digest
+
+
+@dataclass(frozen=True)
+class _WholeAnswer:
+    """What a range read does with a 200 (the whole blob): hand it to ``on_whole``, checked against ``size``."""
+
+    size: int | None
+    on_whole: WholeBody | None
+
+
+async def _verified(
+    ref: Reference, what: str, digest: str, size: int | None, chunks: AsyncGenerator[bytes, None]
+) -> AsyncGenerator[bytes, None]:
+    """Yield ``chunks`` (a whole blob); raise IntegrityError past ``size`` or short of it, DigestMismatch at the end."""
+    hasher = _hasher(digest, f"image {ref}: {what}")
+    total = 0
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            total += len(chunk)
+            if size is not None and total > size:
+                # A descriptor pins the size too: stop before moving more than it allows.
+                raise _size_mismatch(ref, what, size, f"more than {size}")
+            hasher.update(chunk)
+            yield chunk
+    if size is not None and total != size:
+        raise _size_mismatch(ref, what, size, str(total))
+    actual = f"{digest.partition(':')[0]}:{hasher.hexdigest()}"
+    if actual != digest:
+        raise DigestMismatch(f"image {ref}: {what}", digest, actual)
 
 
 async def _preloaded(content: bytes, chunk_size: int) -> AsyncGenerator[bytes, None]:
