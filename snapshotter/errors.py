@@ -23,6 +23,7 @@ re-exported where it used to live. The gRPC status each class maps to (in
      |    +-- UnsupportedMediaType         a type lazysnap can't handle           FAILED_PRECONDITION
      |    +-- NoMatchingPlatform           no manifest for this platform          NOT_FOUND
      |    +-- RangeNotSupported            the registry can't serve the range     FAILED_PRECONDITION
+     |         +-- RangeIgnored            it answers a range with the whole blob FAILED_PRECONDITION
      +-- FetchError                        the registry could not be reached      UNAVAILABLE
      |    +-- FetchTimeout                 over its deadline after every retry    DEADLINE_EXCEEDED
      |    +-- TruncatedResponse            the body ended before its length       UNAVAILABLE
@@ -46,9 +47,16 @@ not UNAUTHENTICATED: containerd itself is trusted (the socket is 0600); the regi
 Anything not in the tree (OSError, a bug) is INTERNAL.
 
 Messages name the object (layer digest, entry path, image reference, config key) and say what to do.
+
+trio's nurseries wrap what their tasks (and their bodies) raise in an ``ExceptionGroup``;
+``single_error`` and ``unwrap_groups`` turn a group of errors from this tree back into the one
+error a command reports in one line.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from index.errors import (
     DigestMismatch,
@@ -85,6 +93,7 @@ __all__ = [
     "NoMatchingPlatform",
     "NotFound",
     "NotServedLazily",
+    "RangeIgnored",
     "RangeNotSupported",
     "RegistryError",
     "SnapshotError",
@@ -94,7 +103,46 @@ __all__ = [
     "UnsafePath",
     "UnsupportedMediaType",
     "UsageError",
+    "single_error",
+    "unwrap_groups",
 ]
+
+ErrorKinds = tuple[type[BaseException], ...]
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    """The exceptions a (possibly nested) exception group holds, in order; ``error`` itself if not a group."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
+
+
+def single_error(caught: BaseException, kinds: ErrorKinds) -> BaseException | None:
+    """The one error to report for ``caught``: itself, or a group's first leaf; None when any leaf is not of ``kinds``.
+
+    A group holding anything else (a bug, KeyboardInterrupt) must keep its traceback, so it is
+    not reduced to one line.
+    """
+    leaves = list(_leaves(caught))
+    if not leaves or not all(isinstance(leaf, kinds) for leaf in leaves):
+        return None
+    return leaves[0]
+
+
+@contextmanager
+def unwrap_groups(*kinds: type[BaseException]) -> Iterator[None]:
+    """Re-raise an exception group whose leaves are all of ``kinds`` as its first leaf alone; others pass unchanged."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf = single_error(group, kinds)
+        if leaf is None:
+            raise
+    else:
+        return
+    raise leaf  # its traceback still shows where it was first raised
 
 
 class RegistryError(LazysnapError):
@@ -123,6 +171,10 @@ class NoMatchingPlatform(RegistryError):
 
 class RangeNotSupported(RegistryError):
     """The registry answered a Range request with something that is not that range."""
+
+
+class RangeIgnored(RangeNotSupported):
+    """The registry answers Range requests with the whole blob (200): the blob must be fetched whole."""
 
 
 class FetchError(LazysnapError):

@@ -24,7 +24,7 @@ from index.model import Entry
 from snapshotter.cache.blob_cache import BlobCache
 from snapshotter.cache.index_store import IndexStore
 from snapshotter.config import Config
-from snapshotter.errors import FetchTimeout
+from snapshotter.errors import FetchTimeout, unwrap_groups
 from snapshotter.layers.layer import IndexSource, Layer
 from snapshotter.layers.published import PublishedIndexes
 from snapshotter.layers.sources import (
@@ -209,7 +209,10 @@ class ChainCore:
             return self._layers[digest]
         self._opening[digest] = trio.Event()
         try:
-            layer = await self._open(request, allow_download, progress)
+            # A nursery inside the resolver (a cache fetch, a prefetch) wraps what it raises: the
+            # callers report one line, so they get the error itself.
+            with unwrap_groups(LazysnapError, OSError):
+                layer = await self._open(request, allow_download, progress)
         finally:
             self._opening.pop(digest).set()
         self._layers[digest] = layer
@@ -227,6 +230,8 @@ class ChainCore:
             published=request.published,
             settings=self.settings.sources,
             pulled_by_digest=request.pulled_by_digest,
+            # A blob streamed whole (its registry ignores Range) outlives the read that started it.
+            nursery=self._nursery,
         )
         # A layer that declares its TOC is served from it without its DiffID: don't wait for the config.
         declared = bool(declared_toc_digest(request.descriptor))

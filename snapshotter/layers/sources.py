@@ -36,7 +36,7 @@ from index.reader import LayerReader, is_randomly_accessible
 from snapshotter.cache.blob_cache import BlobCache, CachedBlob
 from snapshotter.cache.index_store import IndexStore
 from snapshotter.config import Config
-from snapshotter.errors import NotServedLazily
+from snapshotter.errors import NotServedLazily, RangeIgnored
 from snapshotter.layers.layer import (
     HOW_DOWNLOADED,
     HOW_ESTARGZ,
@@ -47,6 +47,7 @@ from snapshotter.layers.layer import (
 )
 from snapshotter.layers.published import PublishedIndexes
 from snapshotter.layers.verify import local_tar_reader
+from snapshotter.layers.whole_blob import WholeBlobFill
 from snapshotter.remote.client import Descriptor, RegistryClient
 from snapshotter.remote.media_types import layer_format
 from snapshotter.remote.reference import Reference
@@ -182,11 +183,14 @@ class LayerResolver:
         published: PublishedIndexes | None = None,
         settings: SourceSettings | None = None,
         pulled_by_digest: bool = False,
+        nursery: trio.Nursery | None = None,
     ) -> None:
         """Resolve layers of the image at ``reference``.
 
         Args:
             published: the image's published-index listing; None to never look for one.
+            nursery: where a blob whose registry ignores Range is streamed whole (outliving the
+                read that started it); None streams it inside that read.
             pulled_by_digest: the user named the image by digest (``@sha256:`` in the reference
                 they gave): an index found through a tag is then not trusted by default.
         """
@@ -199,26 +203,32 @@ class LayerResolver:
         # by digest trusts nothing found through a tag unless configured to.
         self._trust_published = not pulled_by_digest or self._settings.trust_tag_indexes_for_digest_pulls
         self._published = published
+        self._nursery = nursery
+        self._whole: dict[str, WholeBlobFill] = {}  # by digest: the fill of a blob opened in the cache
 
-    def _fetcher(self, digest: str) -> Callable[[int, int], Awaitable[bytes]]:
-        async def fetch(offset: int, length: int) -> bytes:
-            return await self._client.read_range(self._reference, digest, offset, length)
+    def _fetcher(self, descriptor: Descriptor) -> Callable[[int, int], Awaitable[bytes]]:
+        """Range reads of the blob; where its registry ignores Range, reads of its one whole-blob stream."""
+        whole = self._whole.setdefault(
+            descriptor.digest, WholeBlobFill(self._client, self._reference, descriptor, self._nursery)
+        )
+        return whole.fetch
 
-        return fetch
-
-    def _open_blob(self, descriptor: Descriptor, index: LayerIndex | None) -> CachedBlob:
-        """Open the blob in the cache: in span-sized chunks, or in small ones for an eStargz index."""
-        fine = index is not None and index.format is LayerFormat.ESTARGZ
+    def _open_blob(
+        self, descriptor: Descriptor, index: LayerIndex | None, *, fine: bool = False
+    ) -> CachedBlob:
+        """Open the blob in the cache: in span-sized chunks, or in small ones for an eStargz index (or ``fine``)."""
+        fine = fine or (index is not None and index.format is LayerFormat.ESTARGZ)
         blob = self._cache.open(
             descriptor.digest,
             descriptor.size,
-            self._fetcher(descriptor.digest),
+            self._fetcher(descriptor),
             chunk_size=self._settings.fine_chunk_size if fine else SPAN_SIZE,
             # Small chunks are widened by the layer's directory-aware read-ahead, not blindly.
             min_fetch=0 if fine else None,  # None: the cache's configured minimum
         )
         if index is not None and not fine:
             blob.set_span_digests(index.span_digests)  # refusal() made sure they fit
+        self._whole[descriptor.digest].attach(blob)
         return blob
 
     async def _stored_layer(
@@ -342,10 +352,20 @@ class LayerResolver:
     ) -> Layer:
         blob = self._open_blob(descriptor, index)
         limits = self._settings.limits
+        # A whole-blob stream under way stops with its layer.
+        on_close = [self._whole[descriptor.digest].cancel]
         if is_randomly_accessible(index):
             reader = LayerReader(index, blob.read)
             return Layer(
-                descriptor, index, source, reason, blob, reader, limits, readahead=SiblingReadahead(index)
+                descriptor,
+                index,
+                source,
+                reason,
+                blob,
+                reader,
+                limits,
+                readahead=SiblingReadahead(index),
+                on_close=on_close,
             )
         # No seek points (a single zstd frame): every read would inflate from the blob's start.
         # Fetch it whole once, decompress it once to local disk, and read files straight from that.
@@ -354,7 +374,14 @@ class LayerResolver:
             "the blob has no seek points (single zstd frame): fetched whole, decompressed once to local disk"
         )
         layer = Layer(
-            descriptor, index, IndexSource.DOWNLOADED, reason, blob, reader, limits, on_close=[close]
+            descriptor,
+            index,
+            IndexSource.DOWNLOADED,
+            reason,
+            blob,
+            reader,
+            limits,
+            on_close=[*on_close, close],
         )
         layer.diff_id_verified = layer.unpacked = True  # local_tar_reader checked the tar's DiffID
         return layer
@@ -368,7 +395,12 @@ class LayerResolver:
         """
         # The blob's chunk size in the cache depends on what the probe finds: its reads go to the
         # registry directly and are handed to the cache afterwards (the tail holds file data too).
-        fetch = self._fetcher(descriptor.digest)
+        fetch = self._fetcher(descriptor)
+        if toc_digest:
+            # Declared eStargz is cached in fine chunks whatever the probe finds (a broken TOC is
+            # an error, not a plain gzip blob). Open now: where the registry ignores Range, the
+            # probe's answer is the whole blob, and it goes straight into the cache.
+            self._open_blob(descriptor, None, fine=True)
         probed: list[tuple[int, bytes]] = []
 
         async def probe(offset: int, length: int) -> bytes:
@@ -389,6 +421,10 @@ class LayerResolver:
             )
         except DigestMismatch:
             raise
+        except RangeIgnored as error:
+            # Its registry can't serve the TOC alone: the blob is streamed whole once, and indexed.
+            log.info("not served from its TOC: %s: %s", descriptor.digest, error)
+            return None
         except LayerFormatError as error:
             if toc_digest:
                 raise  # the annotation says this is eStargz: a broken TOC is an error, not a plain gzip
@@ -421,7 +457,10 @@ class LayerResolver:
         )
         offset = 0
         try:
-            async for piece in self._client.stream_blob(self._reference, descriptor.digest):
+            pieces = self._client.stream_blob(
+                self._reference, descriptor.digest, size=descriptor.size, kind="layer"
+            )
+            async for piece in pieces:
                 blob.store_stream(offset, piece)
                 # feed() inflates and may wait for its worker thread: keep it off the trio loop.
                 await trio.to_thread.run_sync(builder.feed, piece)

@@ -25,6 +25,7 @@ from index.errors import LazysnapError
 from snapshotter.cache.blob_cache import open_blob_cache
 from snapshotter.cache.index_store import WriteBehindIndexStore
 from snapshotter.config import Config, command_line_overrides, load_config
+from snapshotter.errors import single_error
 from snapshotter.layers.chain import ChainCore, DiffId, LayerRequest, serve_settings
 from snapshotter.layers.layer import Layer
 from snapshotter.layers.published import PublishedIndexes
@@ -135,7 +136,12 @@ class MountDaemon:
                     finally:
                         nursery.cancel_scope.cancel()  # the mount is gone: stop fills and prefetches
                         core.close()
-        except (LazysnapError, OSError) as error:
+        except BaseException as caught:
+            # An error of a task in the nursery (the config's DiffIDs, a layer) or of its body
+            # arrives wrapped in an ExceptionGroup: report its one leaf, as any other error.
+            error = single_error(caught, (LazysnapError, OSError))
+            if error is None:
+                raise
             message = str(error) if isinstance(error, LazysnapError) else f"{type(error).__name__}: {error}"
             self.status.send("error", message=message)
             log.error("mount failed: %s", message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, cast
 import httpx
 import trio
 
-from index.errors import DigestMismatch
-from snapshotter.errors import RangeNotSupported, RegistryError, UnsupportedMediaType
+from index.errors import DigestMismatch, IntegrityError
+from snapshotter.errors import RangeIgnored, RangeNotSupported, RegistryError, UnsupportedMediaType
 from snapshotter.remote import media_types as mt
 from snapshotter.remote.auth import Authenticator, default_docker_config_path, load_docker_config
 from snapshotter.remote.image_manifest import (
@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from snapshotter.config import Config
 
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+# Takes the body of a 200 answered to a range read: the whole blob, from its first byte, checked
+# against its digest (and size) as it is iterated.
+WholeBody = Callable[[AsyncGenerator[bytes, None]], Awaitable[None]]
 
 
 def _hasher(digest: str, context: str) -> Any:
@@ -157,6 +161,10 @@ class RegistryClient:
         )
         # Blob body bytes received from the network (incl. bytes skipped when a registry ignored Range).
         self.bytes_fetched = 0
+        # Registries seen answering a Range request with the whole blob (200). Each range read of
+        # theirs would move the whole blob again (or what the kernel buffered of it), so their
+        # reads raise RangeIgnored at once, without a request: the caller fetches the blob whole.
+        self._range_ignored: set[str] = set()
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -244,40 +252,87 @@ class RegistryClient:
     async def load_diff_ids(self, image: ResolvedImage) -> list[str]:
         """Fetch the image config and return its DiffIDs, one per layer; raises RegistryError subclasses."""
         ref = image.reference
-        config = parse_json_object(ref, await self.fetch_blob(ref, image.config.digest), "config")
+        body = await self.fetch_blob(ref, image.config.digest, size=image.config.size, kind="config")
+        config = parse_json_object(ref, body, "config")
         return diff_ids_from_config(ref, config, len(image.layers))
 
     # -- blobs -----------------------------------------------------------------------------------
 
-    async def read_range(self, ref: Reference, digest: str, offset: int, length: int) -> bytes:
-        """Return blob bytes [offset, offset+length), clipped at the blob's end; raises FetchError, RangeNotSupported."""
+    def ignores_range(self, ref: Reference) -> bool:
+        """Whether ``ref``'s registry was seen answering a Range request with the whole blob."""
+        return ref.registry in self._range_ignored
+
+    async def read_range(
+        self,
+        ref: Reference,
+        digest: str,
+        offset: int,
+        length: int,
+        *,
+        kind: str = "blob",
+        size: int | None = None,
+        on_whole: WholeBody | None = None,
+    ) -> bytes:
+        """Return blob bytes [offset, offset+length), clipped at the blob's end.
+
+        Args:
+            kind: names the blob in errors ("layer", "config").
+            size: the blob's size, as its descriptor says; the whole body handed to ``on_whole``
+                is checked against it.
+            on_whole: when the registry answers with the whole blob, it is given that body (so
+                the blob moves once) before RangeIgnored is raised; without it the body is dropped.
+
+        Raises:
+            RangeIgnored: the registry answers Range requests with the whole blob (now, or before:
+                then no request is sent); fetch the blob whole with ``stream_blob`` instead.
+            RangeNotSupported: the registry answered with another range.
+            FetchError: the registry could not be read after its retries.
+        """
         if offset < 0 or length < 0:
             raise ValueError(f"read_range: negative offset {offset} or length {length}")
         if length == 0:
             return b""
+        if self.ignores_range(ref):
+            raise RangeIgnored(_range_ignored_message(ref, f"{kind} {digest}"))
         parts: list[bytes] = []
-        async with aclosing(self._span_chunks(ref, digest, offset, offset + length, 1 << 20)) as chunks:
+        what = f"{kind} {digest}"
+        whole = _WholeAnswer(size, on_whole)
+        span = self._span_chunks(ref, what, digest, offset, offset + length, 1 << 20, whole)
+        async with aclosing(span) as chunks:
             async for chunk in chunks:
                 parts.append(chunk)
         return b"".join(parts)
 
     async def stream_blob(
-        self, ref: Reference, digest: str, *, chunk_size: int = 1 << 20
+        self,
+        ref: Reference,
+        digest: str,
+        *,
+        chunk_size: int = 1 << 20,
+        size: int | None = None,
+        kind: str = "blob",
     ) -> AsyncGenerator[bytes, None]:
-        """Yield a whole blob in chunks; raises DigestMismatch at the end if it does not hash to ``digest``."""
-        hasher = _hasher(digest, f"image {ref}: blob {digest}")
-        async with aclosing(self._span_chunks(ref, digest, 0, None, chunk_size)) as chunks:
-            async for chunk in chunks:
-                hasher.update(chunk)
-                yield chunk
-        actual = f"{digest.partition(':')[0]}:{hasher.hexdigest()}"
-        if actual != digest:
-            raise DigestMismatch(f"image {ref}: blob {digest}", digest, actual)
+        """Yield a whole blob in chunks, checked against its digest and (when given) the size its descriptor says.
 
-    async def fetch_blob(self, ref: Reference, digest: str) -> bytes:
-        """Return a whole (small) blob, verified against its digest; raises DigestMismatch, FetchError."""
+        ``kind`` names the blob in errors ("layer", "config").
+
+        Raises:
+            IntegrityError: the blob is longer than ``size`` (raised as soon as it is) or ends short of it.
+            DigestMismatch: at the end, the blob does not hash to ``digest``.
+            FetchError, RegistryError: the registry could not serve it.
+        """
+        what = f"{kind} {digest}"
+        chunks = self._span_chunks(ref, what, digest, 0, None, chunk_size, None)
+        async with aclosing(_verified(ref, what, digest, size, chunks)) as verified:
+            async for chunk in verified:
+                yield chunk
+
+    async def fetch_blob(
+        self, ref: Reference, digest: str, *, size: int | None = None, kind: str = "blob"
+    ) -> bytes:
+        """Return a whole (small) blob, verified against its digest and size; raises IntegrityError, FetchError."""
         parts: list[bytes] = []
-        async with aclosing(self.stream_blob(ref, digest)) as chunks:
+        async with aclosing(self.stream_blob(ref, digest, size=size, kind=kind)) as chunks:
             async for chunk in chunks:
                 parts.append(chunk)
         return b"".join(parts)
@@ -293,15 +348,24 @@ class RegistryClient:
         return int(length)
 
     async def _span_chunks(
-        self, ref: Reference, digest: str, start: int, end: int | None, chunk_size: int
+        self,
+        ref: Reference,
+        what: str,
+        digest: str,
+        start: int,
+        end: int | None,
+        chunk_size: int,
+        whole: _WholeAnswer | None,
     ) -> AsyncGenerator[bytes, None]:
         # Yields blob bytes [start, end) and resumes from where it stopped when a body breaks off.
+        # ``whole`` None: the caller wants the whole blob, so a 200 to a resuming Range request is
+        # skipped into; for a range read it says what to do with a 200 before raising RangeIgnored.
         position = start
         failures = 0
         while True:
             error: BaseException | str
             try:
-                async with self._open_span(ref, digest, position, end) as span:
+                async with self._open_span(ref, what, digest, position, end, whole) as span:
                     span_start = position
                     async with aclosing(self._span_body(span, chunk_size)) as body:
                         async for chunk in body:
@@ -313,8 +377,7 @@ class RegistryClient:
             except httpx.TransportError as exc:
                 error = exc
             if failures >= self._session.policy.max_retries:
-                what = f"reading blob {digest} at {position}"
-                raise give_up(ref, what, failures + 1, error) from (
+                raise give_up(ref, f"reading {what} at {position}", failures + 1, error) from (
                     error if isinstance(error, BaseException) else None
                 )
             await trio.sleep(self._session.policy.backoff(failures))
@@ -361,9 +424,8 @@ class RegistryClient:
 
     @asynccontextmanager
     async def _open_span(
-        self, ref: Reference, digest: str, start: int, end: int | None
+        self, ref: Reference, what: str, digest: str, start: int, end: int | None, whole: _WholeAnswer | None
     ) -> AsyncIterator[_Span]:
-        what = f"blob {digest}"
         headers = {}
         if start > 0 or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
@@ -377,6 +439,15 @@ class RegistryClient:
                     return
                 raise RangeNotSupported(f"image {ref}: {what}: registry refused range {headers.get('Range')}")
             await self._session.check(ref, resp, what)
+            if resp.status_code == 200 and "Range" in headers and whole is not None:
+                self._range_ignored.add(ref.registry)
+                if whole.on_whole is not None:
+                    # The body is the whole blob: whoever asked for it takes it, so it moves once.
+                    body = self._span_body(_Span(resp, 0, None), 1 << 20)
+                    await whole.on_whole(_verified(ref, what, digest, whole.size, body))
+                # Else leaving the body unread closes the connection: what the kernel buffered
+                # of it is all this costs, once per registry.
+                raise RangeIgnored(_range_ignored_message(ref, what))
             yield _range_span(ref, what, resp, start, end)
 
     # -- uploads ---------------------------------------------------------------------------------
@@ -442,6 +513,35 @@ class RegistryClient:
         return digest
 
 
+@dataclass(frozen=True)
+class _WholeAnswer:
+    """What a range read does with a 200 (the whole blob): hand it to ``on_whole``, checked against ``size``."""
+
+    size: int | None
+    on_whole: WholeBody | None
+
+
+async def _verified(
+    ref: Reference, what: str, digest: str, size: int | None, chunks: AsyncGenerator[bytes, None]
+) -> AsyncGenerator[bytes, None]:
+    """Yield ``chunks`` (a whole blob); raise IntegrityError past ``size`` or short of it, DigestMismatch at the end."""
+    hasher = _hasher(digest, f"image {ref}: {what}")
+    total = 0
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            total += len(chunk)
+            if size is not None and total > size:
+                # A descriptor pins the size too: stop before moving more than it allows.
+                raise _size_mismatch(ref, what, size, f"more than {size}")
+            hasher.update(chunk)
+            yield chunk
+    if size is not None and total != size:
+        raise _size_mismatch(ref, what, size, str(total))
+    actual = f"{digest.partition(':')[0]}:{hasher.hexdigest()}"
+    if actual != digest:
+        raise DigestMismatch(f"image {ref}: {what}", digest, actual)
+
+
 async def _preloaded(content: bytes, chunk_size: int) -> AsyncGenerator[bytes, None]:
     for start in range(0, len(content), chunk_size):
         yield content[start : start + chunk_size]
@@ -484,6 +584,19 @@ def _range_span(ref: Reference, what: str, response: httpx.Response, start: int,
     stop: int | None = end if total is None else (total if end is None else min(end, total))
     expected = None if stop is None else max(0, stop - start)
     return _Span(response, start, expected, more_follows=total is None or (stop is not None and stop < total))
+
+
+def _range_ignored_message(ref: Reference, what: str) -> str:
+    return (
+        f"image {ref}: {what}: registry {ref.registry} ignores Range requests (answers 200 with the "
+        "whole blob); fetch the blob whole"
+    )
+
+
+def _size_mismatch(ref: Reference, what: str, size: int, sent: str) -> IntegrityError:
+    return IntegrityError(
+        f"image {ref}: {what}: its descriptor's size is {size} bytes but the registry sent {sent} bytes"
+    )
 
 
 def _location(ref: Reference, response: httpx.Response, what: str) -> str:

@@ -28,7 +28,7 @@ from index.errors import LazysnapError
 from snapshotter.cache.blob_cache import open_blob_cache
 from snapshotter.cache.index_store import IndexStore
 from snapshotter.config import Config
-from snapshotter.errors import FailedPrecondition, InvalidArgument
+from snapshotter.errors import FailedPrecondition, InvalidArgument, unwrap_groups
 from snapshotter.layers.chain import ChainCore, LayerRequest, known_diff_id, serve_settings
 from snapshotter.layers.layer import Layer
 from snapshotter.layers.published import PublishedIndexes
@@ -266,6 +266,7 @@ async def fuse_remote_layers(config: Config) -> AsyncIterator[RemoteLayers | Non
 
     Raises:
         OSError: the FUSE filesystem could not be mounted.
+        LazysnapError: the registry client could not be set up; either arrives alone, never in a group.
     """
     root = Path(config.root)
     mount_dir = config.fuse_mount_path()
@@ -276,24 +277,27 @@ async def fuse_remote_layers(config: Config) -> AsyncIterator[RemoteLayers | Non
     cache = open_blob_cache(config)
     store = IndexStore(config.index_store_path())
     try:
-        async with open_registry_client(config) as client:
-            operations = ReadOnlyOperations(timeout=config.fuse.entry_timeout_seconds)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    functools.partial(
-                        run_filesystem,
-                        max_tasks=config.fuse.max_tasks,
-                        read_ahead_kb=config.fuse.read_ahead_kb,
-                    ),
-                    operations,
-                    str(mount_dir),
-                )
-                core = ChainCore(client, cache, store, nursery, serve_settings(config))
-                core.allow_fills()  # each layer waits background_fetch.delay_seconds after it is shown instead
-                try:
-                    yield FuseRemoteLayers(root, mount_dir, core, client, operations)
-                finally:
-                    nursery.cancel_scope.cancel()  # unmounts the forest and stops background fills
-                    core.close()
+        # The daemon reports an error of the forest's nursery (or of the service running inside
+        # it) in one line: the error itself, not the ExceptionGroup trio wraps it in.
+        with unwrap_groups(LazysnapError, OSError):
+            async with open_registry_client(config) as client:
+                operations = ReadOnlyOperations(timeout=config.fuse.entry_timeout_seconds)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(
+                        functools.partial(
+                            run_filesystem,
+                            max_tasks=config.fuse.max_tasks,
+                            read_ahead_kb=config.fuse.read_ahead_kb,
+                        ),
+                        operations,
+                        str(mount_dir),
+                    )
+                    core = ChainCore(client, cache, store, nursery, serve_settings(config))
+                    core.allow_fills()  # each layer waits background_fetch.delay_seconds after it is shown instead
+                    try:
+                        yield FuseRemoteLayers(root, mount_dir, core, client, operations)
+                    finally:
+                        nursery.cancel_scope.cancel()  # unmounts the forest and stops background fills
+                        core.close()
     finally:
         cache.close()

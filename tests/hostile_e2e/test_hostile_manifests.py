@@ -96,20 +96,6 @@ class Case:
     xfail: str = ""  # why the current code does not yet give this outcome
 
 
-# The two known gaps; see each reason for the fix.
-DAEMON_GROUP = (
-    "an error raised while the layers open or the config loads (inside MountDaemon.run's nursery) escapes "
-    "as an ExceptionGroup that `except (LazysnapError, OSError)` does not catch: the daemon dies with a "
-    "traceback and `lazysnap mount` prints its log tail instead of one line; fix in snapshotter/mount/daemon.py "
-    "run(): catch the group (`except* LazysnapError`) and report its single LazysnapError leaf"
-)
-SIZE_UNCHECKED = (
-    "the streamed blob's length is never compared with the descriptor's size (the digest still matches, "
-    "so the mount succeeds); fix in LayerResolver._download_and_index (snapshotter/layers/sources.py) or "
-    "RegistryClient.stream_blob: raise IntegrityError naming the layer and its size when the total differs"
-)
-
-
 CASES: dict[str, Case] = {
     "manifest-content-type-and-body-mediaType-a-config": Case(
         ("unsupported manifest media type", mt.OCI_CONFIG),
@@ -143,8 +129,8 @@ CASES: dict[str, Case] = {
     "layer-size-a-string": Case(("layer 0", "size"), setting("layers", 0, "size", "1234")),
     "layer-size-a-float": Case(("layer 0", "size"), setting("layers", 0, "size", 1234.5)),
     "layer-size-true": Case(("layer 0", "size"), setting("layers", 0, "size", True)),
-    "layer-size-one-short": Case(("layer", "size"), layer_size_shift(-1), xfail=SIZE_UNCHECKED),
-    "layer-size-one-over": Case(("layer", "size"), layer_size_shift(+1), xfail=SIZE_UNCHECKED),
+    "layer-size-one-short": Case(("layer", "size"), layer_size_shift(-1)),
+    "layer-size-one-over": Case(("layer", "size"), layer_size_shift(+1)),
     "layer-digest-sha512": Case(
         ("layer 0", "only sha256"), setting("layers", 0, "digest", "sha512:" + "cd" * 64)
     ),
@@ -163,9 +149,7 @@ CASES: dict[str, Case] = {
     "layer-digest-no-algorithm": Case(
         ("layer 0", "invalid digest"), setting("layers", 0, "digest", "ab" * 32)
     ),
-    "layer-digest-absent-blob": Case(
-        ("layer", BOGUS_SHA256), setting("layers", 0, "digest", BOGUS_SHA256), xfail=DAEMON_GROUP
-    ),
+    "layer-digest-absent-blob": Case(("layer", BOGUS_SHA256), setting("layers", 0, "digest", BOGUS_SHA256)),
     "layer-annotations-a-list": Case(("layer 0", "annotations"), setting("layers", 0, "annotations", ["a"])),
     "layer-urls-a-string": Case(("layer 0", "urls"), setting("layers", 0, "urls", "http://example.com/x")),
     "layer-huge-annotation-value": Case((), layer_annotations={"org.example.note": "x" * (1 << 20)}),
@@ -175,29 +159,21 @@ CASES: dict[str, Case] = {
     "layer-toc-digest-annotation-garbage": Case(
         ("layer",),
         layer_annotations={"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "x" * 4000},
-        xfail=DAEMON_GROUP,
     ),
     "config-diff-ids-one-too-many": Case(
         ("diff_ids", "2", "1 layers"),
         config=setting("rootfs", "diff_ids", [BOGUS_SHA256, BOGUS_SHA256]),
-        xfail=DAEMON_GROUP,
     ),
-    "config-diff-ids-empty": Case(
-        ("diff_ids", "0", "1 layers"), config=setting("rootfs", "diff_ids", []), xfail=DAEMON_GROUP
-    ),
-    "config-diff-ids-missing": Case(
-        ("rootfs.diff_ids",), config=deleting("rootfs", "diff_ids"), xfail=DAEMON_GROUP
-    ),
+    "config-diff-ids-empty": Case(("diff_ids", "0", "1 layers"), config=setting("rootfs", "diff_ids", [])),
+    "config-diff-ids-missing": Case(("rootfs.diff_ids",), config=deleting("rootfs", "diff_ids")),
     "config-diff-ids-a-string": Case(
-        ("rootfs.diff_ids",), config=setting("rootfs", "diff_ids", BOGUS_SHA256), xfail=DAEMON_GROUP
+        ("rootfs.diff_ids",), config=setting("rootfs", "diff_ids", BOGUS_SHA256)
     ),
     "config-diff-id-malformed": Case(
-        ("diff_id", "invalid digest"), config=setting("rootfs", "diff_ids", ["x"]), xfail=DAEMON_GROUP
+        ("diff_id", "invalid digest"), config=setting("rootfs", "diff_ids", ["x"])
     ),
-    "config-diff-id-of-another-tar": Case(
-        ("uncompressed tar",), config=diff_id_of_other_tar, xfail=DAEMON_GROUP
-    ),
-    "config-rootfs-a-list": Case(("rootfs.diff_ids",), config=setting("rootfs", []), xfail=DAEMON_GROUP),
+    "config-diff-id-of-another-tar": Case(("uncompressed tar",), config=diff_id_of_other_tar),
+    "config-rootfs-a-list": Case(("rootfs.diff_ids",), config=setting("rootfs", [])),
 }
 
 

@@ -13,7 +13,8 @@ answers, so a test can choose what ``lazysnap`` receives:
 each only for blob GETs, only for ``Fault.digest`` if given. ``substitute[digest] = data`` serves
 ``data`` (Range requests included) whenever that blob is asked for, and ``manifests[(repository,
 key)] = (content_type, body)`` serves a manifest the real registry would refuse to store. Pushes
-go to the registry directly; only reads go through here.
+go to the registry directly; only reads go through here. ``blob_bytes_sent[digest]`` counts the
+blob body bytes the proxy handed to the network for each blob (what a client made it move).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class TamperingProxy:
         self.manifests: dict[tuple[str, str], tuple[str, bytes]] = {}
         self.tampered = 0  # blob answers the fault changed
         self.blob_requests = 0
+        self.blob_bytes_sent: dict[str, int] = {}  # by digest: body bytes written to clients
         self._release = threading.Event()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
@@ -97,6 +99,11 @@ class TamperingProxy:
         with self._lock:
             self.blob_requests += 1
             self.tampered += tampered
+
+    def sent(self, digest: str, count: int) -> None:
+        """Count ``count`` body bytes of blob ``digest`` written to a client."""
+        with self._lock:
+            self.blob_bytes_sent[digest] = self.blob_bytes_sent.get(digest, 0) + count
 
     def wait_released(self) -> None:
         """Block a hung answer until ``release()`` or HANG_LIMIT."""
@@ -177,7 +184,18 @@ def _handler_class(proxy: TamperingProxy) -> type[BaseHTTPRequestHandler]:
             if applies and fault.kind == "truncate" and status in (200, 206):
                 self._truncated(status, headers, body)
                 return
-            self._answer(status, headers, body, "GET")
+            self._head(status, headers, len(body))
+            self._write_counted(digest, body)
+
+        def _write_counted(self, digest: str, body: bytes) -> None:
+            """Write a blob body in pieces, counting what was written until the client went away."""
+            piece = 64 << 10
+            try:
+                for start in range(0, len(body), piece):
+                    self.wfile.write(body[start : start + piece])
+                    proxy.sent(digest, len(body[start : start + piece]))
+            except OSError:
+                self.close_connection = True
 
         def _request_headers(self) -> dict[str, str]:
             return {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}

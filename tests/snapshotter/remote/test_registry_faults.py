@@ -18,10 +18,11 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.errors import DigestMismatch
+from index.errors import DigestMismatch, IntegrityError
 from snapshotter.errors import (
     FetchError,
     FetchTimeout,
+    RangeIgnored,
     RangeNotSupported,
     TruncatedResponse,
     UnsupportedMediaType,
@@ -60,25 +61,58 @@ def failing(times: int, answer: Any) -> Any:
 
 
 class TestRegistryIgnoresRange:
-    async def test_200_to_range(self, fake: FakeRegistry) -> None:
-        """A 200 with the whole blob still yields exactly the asked range, and reading stops after it."""
+    async def test_200_to_range_raises_range_ignored(self, fake: FakeRegistry) -> None:
+        """A 200 with the whole blob to a Range request raises RangeIgnored naming the registry, and the client remembers it."""
         fake.ignore_range = True
         async with fake.client() as client:
-            data = await client.read_range(fake.ref(), sha256(BLOB), 50_000, 10_000)
-        assert data == BLOB[50_000:60_000]
+            with pytest.raises(RangeIgnored, match=r"registry registry\.test ignores Range"):
+                await client.read_range(fake.ref(), sha256(BLOB), 50_000, 10_000)
+            assert client.ignores_range(fake.ref())
 
-    async def test_200_real_socket_stops_early(self) -> None:
-        """Over a real socket, a server that ignores Range is cut off soon after the range (not the whole blob)."""
+    async def test_a_known_range_ignoring_registry_gets_no_more_range_requests(
+        self, fake: FakeRegistry
+    ) -> None:
+        """Once a registry was seen ignoring Range, range reads of any of its blobs raise RangeIgnored without a request."""
+        fake.ignore_range = True
+        other = fake.add_blob(b"another blob" * 1000)
+        async with fake.client() as client:
+            with pytest.raises(RangeIgnored):
+                await client.read_range(fake.ref(), sha256(BLOB), 0, 10)
+            sent = len(fake.requests)
+            for digest in (sha256(BLOB), other):
+                with pytest.raises(RangeIgnored):
+                    await client.read_range(fake.ref(), digest, 100, 10)
+            assert len(fake.requests) == sent
+
+    async def test_a_whole_blob_stream_still_works_where_range_is_ignored(self, fake: FakeRegistry) -> None:
+        """stream_blob of a registry that ignores Range yields the whole blob."""
+        fake.ignore_range = True
+        async with fake.client() as client:
+            with pytest.raises(RangeIgnored):
+                await client.read_range(fake.ref(), sha256(BLOB), 1, 10)
+            assert await client.fetch_blob(fake.ref(), sha256(BLOB), size=len(BLOB)) == BLOB
+
+    async def test_200_real_socket_detection_costs_little(self) -> None:
+        """Over a real socket, detecting a server that ignores Range moves a small part of the blob, not all of it."""
         blob = random.Random(5).randbytes(64 << 20)
         with _range_ignoring_server(blob) as (host, sent):
             ref = Reference(host, "app", "latest", None)
             async with RegistryClient(docker_config_path="/nonexistent/config.json") as client:
-                data = await client.read_range(ref, sha256(blob), 1000, 4096)
-                again = await client.read_range(ref, sha256(blob), 2 << 20, 100)
+                with pytest.raises(RangeIgnored):
+                    await client.read_range(ref, sha256(blob), 1000, 4096)
             await trio.sleep(0.2)
-        assert data == blob[1000:5096]
-        assert again == blob[2 << 20 : (2 << 20) + 100]
         assert sum(sent) < len(blob) // 4, f"server wrote {sum(sent)} of {len(blob)} bytes"
+
+
+class TestBlobSize:
+    @pytest.mark.parametrize("delta", [-1, 1])
+    async def test_a_blob_of_another_size_than_its_descriptor_is_refused(
+        self, fake: FakeRegistry, delta: int
+    ) -> None:
+        """A blob whose length differs from the size its descriptor says raises IntegrityError naming both sizes."""
+        async with fake.client() as client:
+            with pytest.raises(IntegrityError, match=rf"size is {len(BLOB) + delta} bytes.*sent"):
+                await client.fetch_blob(fake.ref(), sha256(BLOB), size=len(BLOB) + delta, kind="layer")
 
     async def test_wrong_content_range(self, fake: FakeRegistry) -> None:
         """A 206 for another range than asked raises RangeNotSupported naming the image."""
@@ -342,14 +376,16 @@ class TestRangeProperty:
     async def test_any_range_equals_the_slice(
         self, offset: int, length: int, ignore_range: bool, chunk_size: int
     ) -> None:
-        """Any (offset, length), whether the registry honours Range or not, reads exactly BLOB[offset:offset+length]."""
+        """Any (offset, length) reads exactly BLOB[offset:offset+length], or raises RangeIgnored when the registry ignores Range."""
         fake = FakeRegistry(ignore_range=ignore_range, chunk_size=chunk_size)
         fake.add_blob(BLOB)
         async with fake.client() as client:
-            assert (
-                await client.read_range(fake.ref(), sha256(BLOB), offset, length)
-                == BLOB[offset : offset + length]
-            )
+            try:
+                data = await client.read_range(fake.ref(), sha256(BLOB), offset, length)
+            except RangeIgnored:
+                assert ignore_range
+                return
+            assert data == BLOB[offset : offset + length]
 
 
 class TestRetryAfter:
