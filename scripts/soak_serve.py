@@ -9,6 +9,12 @@ mounts and compare it with the original, then ``Remove`` the view and the chain.
 cycle through all images it samples the serve process's VmRSS and open descriptors and prints the
 growth from the first cycle to the last as a ratio; ``--out DIR`` gets ``soak_serve.json``.
 
+``--tracemalloc`` runs serve under ``tracemalloc`` (started by a wrapper, not by lazysnap's code):
+SIGUSR1 makes it dump a snapshot, taken after the first cycle and after the last; the
+allocation sites that grew most between the two go to ``tracemalloc.txt`` in ``--out``.
+``--referrers NAME,...`` also writes, with each snapshot, how many objects of those classes are
+alive and what refers to the last few (``serve.tracemalloc.N.referrers.txt``).
+
     .venv/bin/python scripts/soak_serve.py --cycles 30
 """
 
@@ -48,6 +54,54 @@ IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 LAYER_LABEL = "containerd.io/snapshot/cri.layer-digest"
 MANIFEST_LABEL = "containerd.io/snapshot/cri.manifest-digest"
 SERVE_START_TIMEOUT = 30.0
+TRACEMALLOC_FRAMES = 12
+# Runs the CLI with tracemalloc on; SIGUSR1 dumps a snapshot to $LAZYSNAP_SOAK_SNAPSHOT.N.
+TRACEMALLOC_WRAPPER = """
+import itertools, os, signal, sys, tracemalloc
+tracemalloc.start(FRAMES)
+counter = itertools.count()
+def describe(obj):
+    text = type(obj).__qualname__
+    if isinstance(obj, dict):
+        text += " keys=" + repr(list(obj)[:4])[:160] + " len=" + str(len(obj))
+    elif isinstance(obj, (list, tuple, set)):
+        text += " len=" + str(len(obj))
+    elif type(obj).__name__ == "frame":
+        text += " " + obj.f_code.co_filename + ":" + str(obj.f_lineno)
+    return text
+def referrers(names):
+    import gc
+    gc.collect()
+    lines = []
+    objects = gc.get_objects()
+    for name in names:
+        found = [o for o in objects if type(o).__name__ == name]
+        lines.append(name + ": " + str(len(found)) + " live")
+        for obj in found[-3:]:
+            lines.append("  " + repr(obj)[:200])
+            for ref in gc.get_referrers(obj):
+                if ref is found or ref is objects:
+                    continue
+                lines.append("    <- " + describe(ref))
+                for ref2 in gc.get_referrers(ref)[:6]:
+                    if ref2 is found or ref2 is objects:
+                        continue
+                    lines.append("        <- " + describe(ref2))
+    del objects
+    return "\\n".join(lines) + "\\n"
+def dump(signum, frame):
+    path = os.environ["LAZYSNAP_SOAK_SNAPSHOT"] + "." + str(next(counter))
+    names = [n for n in os.environ.get("LAZYSNAP_SOAK_REFERRERS", "").split(",") if n]
+    if names:
+        with open(path + ".referrers.txt", "w") as report:
+            report.write(referrers(names))
+    tracemalloc.take_snapshot().dump(path + ".partial")
+    os.replace(path + ".partial", path)
+signal.signal(signal.SIGUSR1, dump)
+from snapshotter.cli import main
+sys.argv[0] = "lazysnap"
+main()
+""".replace("FRAMES", str(TRACEMALLOC_FRAMES))
 
 
 @dataclass(frozen=True)
@@ -173,11 +227,52 @@ def wait_for_socket(path: Path, process: subprocess.Popen[bytes]) -> None:
         time.sleep(0.1)
 
 
+def take_snapshot(pid: int, base: Path, number: int) -> Path:
+    """Make the traced serve process dump its snapshot ``number`` and wait for the file."""
+    path = Path(f"{base}.{number}")
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no tracemalloc snapshot {path}")
+        time.sleep(0.2)
+    return path
+
+
+def compare_snapshots(first: Path, last: Path, out: Path) -> None:
+    """Write the allocation sites that grew most from ``first`` to ``last`` (by line, and by traceback)."""
+    import tracemalloc
+
+    ignore = [
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+    ]
+    old = tracemalloc.Snapshot.load(str(first)).filter_traces(ignore)
+    new = tracemalloc.Snapshot.load(str(last)).filter_traces(ignore)
+    lines = [
+        f"traced: first {sum(s.size for s in old.statistics('filename')) / 1024:.0f} KiB, "
+        f"last {sum(s.size for s in new.statistics('filename')) / 1024:.0f} KiB",
+        "",
+        "top 25 by line:",
+    ]
+    lines += [str(stat) for stat in new.compare_to(old, "lineno")[:25]]
+    lines += ["", "top 8 by traceback:"]
+    for stat in new.compare_to(old, "traceback")[:8]:
+        lines.append(f"{stat.size_diff / 1024:+.1f} KiB, {stat.count_diff:+d} blocks")
+        lines += ["    " + line for line in stat.traceback.format()]
+    (out / "tracemalloc.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:20]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=500)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--tracemalloc", action="store_true", help="trace serve's allocations (slower)")
+    parser.add_argument(
+        "--referrers", default="", help="with --tracemalloc: class names whose live objects to explain"
+    )
     options = parser.parse_args()
     out: Path = options.out or Path(tempfile.mkdtemp(prefix="lazysnap-soak-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -209,11 +304,12 @@ def main() -> None:
         )
         socket_path = work / "lazysnap.sock"
         log_file = (out / "serve.log").open("wb")
+        snapshot_base = out / "serve.tracemalloc"
+        launcher = ["-c", TRACEMALLOC_WRAPPER] if options.tracemalloc else ["-m", "snapshotter.cli"]
         process = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "snapshotter.cli",
+                *launcher,
                 "serve",
                 "--root",
                 str(work / "root"),
@@ -225,7 +321,10 @@ def main() -> None:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=REPOSITORY,
+            env=os.environ
+            | {"LAZYSNAP_SOAK_SNAPSHOT": str(snapshot_base), "LAZYSNAP_SOAK_REFERRERS": options.referrers},
         )
+        snapshots: list[Path] = []
         samples: list[dict[str, float]] = []
         try:
             wait_for_socket(socket_path, process)
@@ -244,6 +343,8 @@ def main() -> None:
                         "seconds": time.monotonic() - started,
                     }
                 )
+                if options.tracemalloc and cycle in (0, options.cycles - 1):
+                    snapshots.append(take_snapshot(process.pid, snapshot_base, len(snapshots)))
                 if cycle % max(1, options.cycles // 10) == 0 or cycle == options.cycles - 1:
                     print(f"  cycle {cycle:5d}: rss {rss / 1024:7.1f} MiB  fds {fds:4d}")
             channel.close()
@@ -265,6 +366,8 @@ def main() -> None:
         "samples": samples,
     }
     (out / "soak_serve.json").write_text(json.dumps(result, indent=1))
+    if len(snapshots) == 2:
+        compare_snapshots(*snapshots, out)
     print(
         f"rss  first {first['rss_kib'] / 1024:.1f} MiB  last {last['rss_kib'] / 1024:.1f} MiB  ratio {result['rss_ratio']:.3f}"
     )

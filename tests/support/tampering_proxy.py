@@ -9,8 +9,12 @@ answers, so a test can choose what ``lazysnap`` receives:
 - ``Fault("hang")``: never answer (until ``release()`` or the proxy stops);
 - ``Fault("reset")``: close the connection with a TCP RST;
 - ``Fault("503")``: answer ``503 Service Unavailable``;
+- ``Fault("trickle")``: send the right answer at ``trickle_rate`` bytes a second (20 KB/s), the
+  rest at full speed once the fault is lifted;
 
-each only for blob GETs, only for ``Fault.digest`` if given. ``substitute[digest] = data`` serves
+each only for blob GETs, only for ``Fault.digest`` if given. ``Fault("down")`` is the registry
+gone: the proxy stops listening (connections are refused) and drops the connections it has; any
+other fault, ``"none"`` included, listens again on the same port. ``substitute[digest] = data`` serves
 ``data`` (Range requests included) whenever that blob is asked for, and ``manifests[(repository,
 key)] = (content_type, body)`` serves a manifest the real registry would refuse to store. Pushes
 go to the registry directly; only reads go through here. ``blob_bytes_sent[digest]`` counts the
@@ -25,16 +29,28 @@ import re
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 
-FaultKind = Literal["none", "flip", "truncate", "full200", "hang", "reset", "503"]
+FaultKind = Literal["none", "flip", "truncate", "full200", "hang", "reset", "503", "trickle", "down"]
 HANG_LIMIT = 120.0  # seconds: a hung answer never outlives a test
 _BLOB = re.compile(r"^/v2/(?P<repo>.+)/blobs/(?P<digest>[^/]+)$")
 _MANIFEST = re.compile(r"^/v2/(?P<repo>.+)/manifests/(?P<key>[^/]+)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+TRICKLE_RATE = 20_000  # bytes a second of a "trickle" answer
+TRICKLE_PIECE = 2_000  # bytes written at a time by a "trickle" answer
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A threading HTTP server that does not print the connections its clients reset or time out."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Quiet: a client dropping a connection (lazysnap giving up on a hung answer) is expected."""
 
 
 @dataclass(frozen=True)
@@ -59,12 +75,14 @@ class TamperingProxy:
         self.tampered = 0  # blob answers the fault changed
         self.blob_requests = 0
         self.blob_bytes_sent: dict[str, int] = {}  # by digest: body bytes written to clients
+        self.trickle_rate = TRICKLE_RATE
         self._release = threading.Event()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
-        self._server.daemon_threads = True
+        self._connections: set[socket.socket] = set()
+        self._server = _QuietServer(("127.0.0.1", 0), _handler_class(self))
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._down = False
 
     @property
     def host(self) -> str:
@@ -77,9 +95,43 @@ class TamperingProxy:
 
     def __exit__(self, *exc_info: object) -> None:
         self._release.set()
+        if not self._down:
+            self._stop_listening()
+
+    def _stop_listening(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+    def _go_down(self) -> None:
+        """Stop listening and drop every open connection: the registry host is gone."""
+        self._down = True
+        self._stop_listening()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def _come_up(self) -> None:
+        """Listen again on the same port."""
+        self._server = _QuietServer(("127.0.0.1", self.port), _handler_class(self))
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self._down = False
+
+    def track(self, connection: socket.socket, opened: bool) -> None:
+        """Remember (or forget) a client connection, so that going down can drop it."""
+        with self._lock:
+            if opened:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+
+    @property
+    def down(self) -> bool:
+        """Whether the proxy is down (not listening)."""
+        return self._down
 
     def set_fault(self, kind: FaultKind, digest: str | None = None) -> None:
         """Apply ``kind`` to later blob GETs (of ``digest`` only, if given); ``"none"`` stops tampering."""
@@ -88,11 +140,14 @@ class TamperingProxy:
         else:
             self._release.set()
         self.fault = Fault(kind, digest)
+        if kind == "down" and not self._down:
+            self._go_down()
+        elif kind != "down" and self._down:
+            self._come_up()
 
     def release(self) -> None:
         """Let hung answers end (their connections close without an answer) and stop tampering."""
-        self.fault = NO_FAULT
-        self._release.set()
+        self.set_fault("none")
 
     def count(self, tampered: bool = False) -> None:
         """Count one blob request (and one tampered answer if ``tampered``)."""
@@ -142,6 +197,15 @@ def _handler_class(proxy: TamperingProxy) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:
             """Quiet: the tests read lazysnap's log, not the proxy's."""
 
+        def setup(self) -> None:
+            super().setup()
+            proxy.track(self.connection, True)
+
+        def finish(self) -> None:
+            proxy.track(self.connection, False)
+            with contextlib.suppress(OSError):
+                super().finish()
+
         def do_GET(self) -> None:
             self._serve("GET")
 
@@ -149,6 +213,9 @@ def _handler_class(proxy: TamperingProxy) -> type[BaseHTTPRequestHandler]:
             self._serve("HEAD")
 
         def _serve(self, method: str) -> None:
+            if proxy.down:  # a request already read when the proxy went down: no answer
+                self._fail("reset")
+                return
             manifest = _MANIFEST.match(self.path)
             if manifest and (manifest["repo"], manifest["key"]) in proxy.manifests:
                 content_type, body = proxy.manifests[(manifest["repo"], manifest["key"])]
@@ -183,6 +250,9 @@ def _handler_class(proxy: TamperingProxy) -> type[BaseHTTPRequestHandler]:
                 headers = [(k, v) for k, v in headers if k.lower() != "content-range"]
             if applies and fault.kind == "truncate" and status in (200, 206):
                 self._truncated(status, headers, body)
+                return
+            if applies and fault.kind == "trickle":
+                self._trickle(status, headers, body)
                 return
             self._head(status, headers, len(body))
             self._write_counted(digest, body)
@@ -222,6 +292,17 @@ def _handler_class(proxy: TamperingProxy) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
+
+        def _trickle(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+            self._head(status, headers, len(body))
+            self.wfile.flush()
+            sent = 0
+            while sent < len(body) and proxy.fault.kind == "trickle":
+                self.wfile.write(body[sent : sent + TRICKLE_PIECE])
+                self.wfile.flush()
+                sent += TRICKLE_PIECE
+                time.sleep(TRICKLE_PIECE / proxy.trickle_rate)
+            self.wfile.write(body[sent:])
 
         def _fail(self, kind: str) -> None:
             if kind == "503":
