@@ -158,6 +158,7 @@ class CachedBlob:
         self._pending: tuple[int, str] | None = None  # a streamed download's private file
         count = _chunk_count(size, chunk_size)
         with self._locked():
+            _remove_old_layout(directory)
             _remove_abandoned_partials(self.files)
             self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
             # Only ever grown: shrinking would cut the file under another process's reads (a
@@ -615,6 +616,19 @@ def _runs(indexes: Iterable[int]) -> Iterator[tuple[int, int]]:
         run = (index, index)
     if run is not None:
         yield run
+
+
+# A blob directory of the layout before chunks-<size>/: one presence map that processes with
+# different chunk sizes truncated and rewrote under each other, so none of it can be trusted.
+_OLD_LAYOUT = ("chunk_size", "present", "verified", "data")
+
+
+def _remove_old_layout(directory: Path) -> None:
+    """Remove the files of the old single-geometry layout (their chunks are fetched again); call under the lock."""
+    if not (directory / "chunk_size").exists():
+        return
+    for name in _OLD_LAYOUT:
+        (directory / name).unlink(missing_ok=True)
 
 
 def _remove_abandoned_partials(directory: Path) -> None:

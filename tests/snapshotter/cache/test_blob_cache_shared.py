@@ -211,3 +211,18 @@ class TestKilledWriters:
         assert b"\1" not in shared_present(tmp_path, blob, chunk)
         assert await assert_trusts_only_right_chunks(tmp_path, blob, chunk) == 0
         assert list(files.glob("*.partial")) == []
+
+
+async def test_a_cache_of_the_old_layout_is_not_trusted(tmp_path: Path) -> None:
+    """A blob directory from before per-chunk-size files (one shared presence map) is removed and its chunks fetched again."""
+    blob = random.Random(5).randbytes(4 * 4096)
+    directory = tmp_path / "sha256" / _digest(blob)[7:]
+    directory.mkdir(parents=True)
+    (directory / "data").write_bytes(bytes(len(blob)))  # zeros that the old map claims are there
+    (directory / "present").write_bytes(b"\1" * 4)
+    (directory / "chunk_size").write_text("4096\n")
+    cached = _open(tmp_path, blob, 4096, spans=False)
+    assert not cached.is_present(0, len(blob))
+    assert await cached.read(0, len(blob)) == blob
+    assert not (directory / "chunk_size").exists() and not (directory / "data").exists()
+    cached.close()
