@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -12,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from snapshotter.mount.state import pid_alive
-from tests.support.hostile import assert_all_correct, assert_daemon_alive, layer_stats, push_victim
-from tests.support.lazysnap_cli import CliSession, wait_for
+from tests.support.hostile import (
+    assert_all_correct,
+    assert_daemon_alive,
+    contents,
+    estargz_layer,
+    layer_stats,
+    push_victim,
+    victim_entries,
+)
+from tests.support.lazysnap_cli import CliSession, push, wait_for
 from tests.support.registry import TestRegistry
 
 FORMATS = ["gzip", "zstd", "tar", "estargz"]
@@ -144,3 +153,32 @@ def test_a_mount_killed_mid_fill_leaves_a_cache_trusted_only_where_right(
     assert_all_correct(second, victim.files)
     assert wait_for(lambda: all(layer["verified"] for layer in layer_stats(cli, second)), timeout=60)
     assert trusted_chunks_are_right(cli.root, digest, blob) > 0
+
+
+def test_two_mounts_caching_one_blob_in_two_chunk_sizes_both_read_right(
+    registry: TestRegistry, cli: CliSession, tmp_path: Path
+) -> None:
+    """An unannotated eStargz layer mounted at once from its TOC (4 KiB chunks) and by download (64 KiB spans) on one root reads right in both, and so does a third mount afterwards."""
+    entries = victim_entries(seed=34)
+    image = push(registry.ref("two-geometries"), [estargz_layer(entries, annotated=False)])
+    ref = str(dataclasses.replace(image.reference, digest=None))
+    files = contents(entries)
+    unpinned = tmp_path / "unpinned.toml"
+    unpinned.write_text("[layers]\nallow_unpinned_toc = true\n")
+    from_toc, downloaded, later = tmp_path / "toc", tmp_path / "download", tmp_path / "later"
+    for directory in (from_toc, downloaded, later):
+        directory.mkdir()
+    mount_concurrently(cli, ref, [from_toc, downloaded], [["--config", str(unpinned)], []])
+    assert layer_stats(cli, from_toc)[0]["index_source"] != layer_stats(cli, downloaded)[0]["index_source"]
+    assert len(presence_files(cli.root, image.layers[0].digest)) == 2  # one map per chunk size
+    threads = [threading.Thread(target=assert_all_correct, args=(m, files)) for m in (from_toc, downloaded)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert_all_correct(from_toc, files)
+    assert_all_correct(downloaded, files)
+    cli.mount_ok(ref, later, "--config", str(unpinned))
+    assert_all_correct(later, files)
+    for mountpoint in (from_toc, downloaded, later):
+        assert_daemon_alive(cli, mountpoint)
