@@ -241,6 +241,10 @@ def umount_command(root: str, mountpoint: str, timeout: float = 20.0) -> int:
             "left mounted: use umount(8) if you mean to remove it"
         )
     unmount(mountpoint)
+    if record is not None and record.mode == "eager":
+        from snapshotter.mount.eager import remove_unpacked  # not loaded for lazy mounts
+
+        remove_unpacked(record.rootfs)
     if record is not None:
         deadline = time.monotonic() + timeout
         # An eager mount has no daemon; its recorded pid is the command that made it.

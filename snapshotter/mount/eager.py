@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,20 +47,25 @@ async def eager_mount(
         RegistryError, FetchError, LayerFormatError: as the download and unpack raise them.
     """
     started = time.monotonic()
-    rootfs = root / "eager" / image.manifest_digest.replace(":", "-") / "rootfs"
-    blobs = root / "eager" / image.manifest_digest.replace(":", "-") / "blobs"
-    if rootfs.exists():
-        shutil.rmtree(rootfs)
+    # A directory of its own per mount: another eager mount of the same image on this root may
+    # be showing its tree right now, and must not see it removed or unpacked over.
+    work = root / "eager" / image.manifest_digest.replace(":", "-") / uuid.uuid4().hex
+    rootfs, blobs = work / "rootfs", work / "blobs"
     rootfs.mkdir(parents=True, mode=0o755)
-    blobs.mkdir(parents=True, exist_ok=True)
+    blobs.mkdir(parents=True)
     downloaded = 0
-    for number, layer in enumerate(image.layers):
-        path = blobs / layer.digest.replace(":", "-")
-        downloaded += await _download(client, image, layer, path)
-        diff_id = image.diff_ids[number] if number < len(image.diff_ids) else ""
-        await trio.to_thread.run_sync(_unpack, path, layer, diff_id, rootfs)
-        path.unlink()
-    bind_mount_readonly(rootfs, mountpoint)
+    try:
+        for number, layer in enumerate(image.layers):
+            path = blobs / layer.digest.replace(":", "-")
+            downloaded += await _download(client, image, layer, path)
+            diff_id = image.diff_ids[number] if number < len(image.diff_ids) else ""
+            await trio.to_thread.run_sync(_unpack, path, layer, diff_id, rootfs)
+            path.unlink()
+        blobs.rmdir()
+        bind_mount_readonly(rootfs, mountpoint)
+    except BaseException:
+        remove_unpacked(str(rootfs))  # nothing shows it: a failed mount leaves no tree behind
+        raise
     return EagerResult(
         rootfs, time.monotonic() - started, downloaded, sum(layer.size for layer in image.layers)
     )
@@ -69,6 +75,11 @@ async def eager_mount(
 # binary of the image would run as root for any user browsing the mount; without nodev a device
 # node in the image would open the host's device.
 BIND_FLAGS = "remount,bind,ro,nosuid,nodev"
+
+
+def remove_unpacked(rootfs: str) -> None:
+    """Remove an eager mount's unpacked tree once it is unmounted (its per-mount directory with it)."""
+    shutil.rmtree(Path(rootfs).parent, ignore_errors=True)
 
 
 def bind_mount_readonly(tree: Path, mountpoint: str) -> None:

@@ -140,3 +140,19 @@ class TestNoSetuidNoDevices:
         with pytest.raises(PermissionError):
             (open_mountpoint / "dev" / "null-too").open("rb")
         assert cli.umount(open_mountpoint).returncode == 0
+
+
+def test_two_eager_mounts_of_one_image_on_one_root_keep_their_trees(
+    cli: CliSession, setuid_image: str, tmp_path: Path
+) -> None:
+    """A second eager mount of an image on the same root leaves the first one's tree whole, and umount removes each unpacked tree."""
+    first, second = tmp_path / "one", tmp_path / "two"
+    first.mkdir()
+    second.mkdir()
+    cli.mount_ok(setuid_image, first, "--eager")
+    cli.mount_ok(setuid_image, second, "--eager")
+    assert (first / SETUID_ID).read_bytes() == Path("/usr/bin/id").read_bytes()
+    assert cli.umount(second).returncode == 0
+    assert (first / SETUID_ID).read_bytes() == Path("/usr/bin/id").read_bytes()
+    assert cli.umount(first).returncode == 0
+    assert list((cli.root / "eager").glob("*/*/rootfs")) == []
