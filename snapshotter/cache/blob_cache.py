@@ -180,6 +180,9 @@ class CachedBlob:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Hold the blob's writer lock (other processes writing this blob wait; readers never do)."""
+        # Taken on the caller's thread, the trio loop included: a holder only writes what one
+        # request fetched (at most background_request_bytes) or, once per download, copies the
+        # verified blob into data. Hashes and fetches happen outside it.
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             yield
@@ -447,6 +450,8 @@ class CachedBlob:
         Raises:
             DigestMismatch: the blob on disk does not match its digest (the presence map is reset).
         """
+        # Hashed without the lock (writers would wait seconds): no process writes over a chunk
+        # marked present, and this blob is complete, so what is hashed is what ``verified`` covers.
         actual = await trio.to_thread.run_sync(self._hash_data)
         if actual != self.digest:
             self._discard_shared()
