@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import pyfuse3
@@ -141,23 +142,46 @@ def _canonical(path: str) -> str:
     )
 
 
-def mount_entry(path: str) -> tuple[str, str] | None:
-    """The (fstype, source) of what is mounted exactly at ``path``, topmost, or None; never stats ``path``."""
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of /proc/self/mountinfo: what is mounted where, from what, with which options."""
+
+    fstype: str  # "fuse.lazysnap" for our FUSE mounts (subtype=lazysnap)
+    source: str  # the fsname for FUSE ("lazysnap"), the device otherwise
+    root: str  # the directory of the source filesystem shown here ("/" unless a bind mount of a subtree)
+    options: frozenset[str]  # per-mount options (ro, nosuid, nodev, ...), not the superblock's
+
+    @property
+    def is_lazysnap_fuse(self) -> bool:
+        """Whether this is a FUSE mount made by lazysnap (its fsname and subtype say so)."""
+        return self.fstype == "fuse.lazysnap" and self.source.startswith("lazysnap")
+
+
+def mount_info(path: str) -> MountInfo | None:
+    """What is mounted exactly at ``path``, topmost, or None; never stats ``path``."""
     target = _canonical(path)
-    found: tuple[str, str] | None = None
+    found: MountInfo | None = None
     with open("/proc/self/mountinfo") as file:
         for line in file:
             fields = line.split()
             if len(fields) < 10 or _unescape(fields[4]) != target:
                 continue
             rest = fields[fields.index("-") + 1 :]
-            found = (rest[0], _unescape(rest[1]))
+            found = MountInfo(
+                rest[0], _unescape(rest[1]), _unescape(fields[3]), frozenset(fields[5].split(","))
+            )
     return found
+
+
+def mount_entry(path: str) -> tuple[str, str] | None:
+    """The (fstype, source) of what is mounted exactly at ``path``, topmost, or None; never stats ``path``."""
+    info = mount_info(path)
+    return None if info is None else (info.fstype, info.source)
 
 
 def is_mounted(path: str) -> bool:
     """Whether something is mounted exactly at ``path`` (from /proc/self/mountinfo)."""
-    return mount_entry(path) is not None
+    return mount_info(path) is not None
 
 
 def unmount(mountpoint: str, *, lazy_fallback: bool = True) -> None:

@@ -9,16 +9,26 @@ Where an index came from decides who may use it (docs/trust.md):
   a TOC pinned by one image's annotation (scope ``toc:<toc digest>``). Another image sharing the
   blob never sees them, so one repository's lie can't reach another's mounts.
 
+Several processes may share the store (two ``lazysnap mount``s, ``serve``). Each index is written
+to a temporary file of its own and renamed into place (``save_index``), so a reader, which takes
+no lock, sees the old file or the new one, never half of one. Changes take the index's lock
+(``fcntl.flock`` on ``<index>.lock`` beside it), and a store removes a file it found bad only if
+it is still the one it read: a process dropping a refused index never deletes the fresh one
+another process put there meanwhile.
+
 ``IndexStore`` writes each index as it is put; ``WriteBehindIndexStore`` queues them until
 ``flush``, so a mount daemon can write them once its mount is ready.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from index.errors import LayerFormatError
@@ -35,6 +45,9 @@ class IndexStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # The file each (digest, scope) was read from or written to, as (st_dev, st_ino): what
+        # ``drop`` may remove.
+        self._seen: dict[tuple[str, str], tuple[int, int]] = {}
 
     def path(self, digest: str, scope: str = "") -> Path:
         """Where the index of ``digest`` is stored for ``scope`` ("" = trusted); the digest is validated so it can't name another path.
@@ -50,29 +63,76 @@ class IndexStore:
     def get(self, digest: str, scope: str = "") -> LayerIndex | None:
         """Return the stored index of a blob for ``scope`` ("" = trusted), or None; a corrupt or old-version file is dropped and logged."""
         path = self.path(digest, scope)
-        if not path.exists():
+        identity = _identity(path)
+        if identity is None:
             return None
         try:
             index = load_index_file(path)
+        except FileNotFoundError:
+            return None  # dropped by another process since
         except LayerFormatError as error:
             log.warning("index-store-drop digest=%s reason=%s", digest, error)
-            path.unlink(missing_ok=True)
+            self._unlink_if(path, identity)
             return None
         if index.digest != digest:
             log.warning("index-store-drop digest=%s reason=stored index is for %s", digest, index.digest)
-            path.unlink(missing_ok=True)
+            self._unlink_if(path, identity)
             return None
+        self._seen[(digest, scope)] = identity
         return index
 
     def put(self, index: LayerIndex, scope: str = "") -> None:
-        """Store an index atomically under its blob digest, for ``scope`` ("" = trusted)."""
+        """Store an index atomically under its blob digest, for ``scope`` ("" = trusted); raises OSError."""
         path = self.path(index.digest, scope)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_index(path, index)
+        with _locked(path):
+            save_index(path, index)
+            identity = _identity(path)
+        if identity is not None:
+            self._seen[(index.digest, scope)] = identity
 
     def drop(self, digest: str, scope: str = "") -> None:
-        """Forget the stored index of ``digest`` for ``scope`` (one that proved false)."""
-        self.path(digest, scope).unlink(missing_ok=True)
+        """Forget the stored index of ``digest`` for ``scope`` (one that proved false), unless another process replaced it since this store read it."""
+        path = self.path(digest, scope)
+        seen = self._seen.pop((digest, scope), None)
+        if seen is None:
+            with _locked(path):
+                path.unlink(missing_ok=True)
+            return
+        self._unlink_if(path, seen)
+
+    def _unlink_if(self, path: Path, identity: tuple[int, int]) -> None:
+        """Remove ``path`` if it is still the file ``identity`` names."""
+        if not path.parent.exists():
+            return
+        with _locked(path):
+            current = _identity(path)
+            if current == identity:
+                path.unlink()
+            elif current is not None:
+                log.info(
+                    "index-store-kept path=%s reason=replaced by another process since it was read", path
+                )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of ``path``, or None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the lock of the index at ``path`` (a ``.lock`` file beside it, kept: removing it would race)."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class WriteBehindIndexStore(IndexStore):

@@ -348,7 +348,7 @@ class ChainCore:
         """
         if layer.source is IndexSource.DOWNLOADED:
             return
-        path = layer.blob.directory / "data"
+        path = layer.blob.data_path
         await trio.to_thread.run_sync(verify_index, layer.index, _pieces(path))
         if layer.store_scope != "":
             await trio.to_thread.run_sync(self._store.put, layer.index)

@@ -53,7 +53,7 @@ async def verify_layer(layer: Layer, diff_id: str) -> None:
         layer.diff_id_verified = bool(layer.index.diff_id)
         return
     if diff_id and not layer.diff_id_verified:
-        actual = await trio.to_thread.run_sync(diff_id_of, layer.blob.directory / "data", layer.index.format)
+        actual = await trio.to_thread.run_sync(diff_id_of, layer.blob.data_path, layer.index.format)
         if actual != diff_id:
             layer.blob.reset()
             raise DigestMismatch(f"layer {layer.descriptor.digest} (uncompressed tar)", diff_id, actual)
@@ -73,7 +73,7 @@ async def local_tar_reader(blob: CachedBlob, index: LayerIndex) -> tuple[LayerRe
         await blob.verify_whole()
     tar_path = blob.directory / UNCOMPRESSED_TAR
     if not tar_path.exists():
-        await trio.to_thread.run_sync(_decompress_once, blob.directory / "data", index, tar_path)
+        await trio.to_thread.run_sync(_decompress_once, blob.data_path, index, tar_path)
     tar_fd = os.open(tar_path, os.O_RDONLY)
 
     async def read_tar(offset: int, length: int) -> bytes:

@@ -17,12 +17,13 @@ import traceback
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from fusefs.mount import is_mounted, unmount
+from fusefs.mount import MountInfo, is_mounted, mount_info, unmount
 from snapshotter.config import ALL_HOSTS, Config, check_socket_path
 from snapshotter.errors import MountNotFound
 from snapshotter.errors import MountPointError as MountPointError  # re-exported: it was defined here
 from snapshotter.mount.daemon import MountOptions, run_mount_daemon
 from snapshotter.mount.state import (
+    MountRecord,
     control_socket_path,
     pid_alive,
     query_stats,
@@ -222,23 +223,52 @@ def umount_command(root: str, mountpoint: str, timeout: float = 20.0) -> int:
     """Unmount a lazysnap mount and wait for its daemon to stop; return the CLI exit code.
 
     Raises:
-        MountPointError: nothing is mounted there.
+        MountPointError: nothing is mounted there, or what is mounted there is not lazysnap's
+            (it is left mounted).
     """
     try:
-        record = read_record(root, mountpoint)
+        record: MountRecord | None = read_record(root, mountpoint)
     except MountNotFound:
         record = None
-    if not is_mounted(mountpoint):
+    info = mount_info(mountpoint)
+    if info is None:
         if record is not None:
             remove_record(root, mountpoint)
         raise MountPointError(f"{mountpoint}: not mounted")
+    if not made_by_lazysnap(info, mountpoint, record):
+        raise MountPointError(
+            f"{mountpoint}: not a lazysnap mount (found {info.fstype} from {info.source}); "
+            "left mounted: use umount(8) if you mean to remove it"
+        )
     unmount(mountpoint)
+    if record is not None and record.mode == "eager":
+        from snapshotter.mount.eager import remove_unpacked  # not loaded for lazy mounts
+
+        remove_unpacked(record.rootfs)
     if record is not None:
         deadline = time.monotonic() + timeout
-        while pid_alive(record.pid) and time.monotonic() < deadline:
+        # An eager mount has no daemon; its recorded pid is the command that made it.
+        while record.mode != "eager" and pid_alive(record.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         remove_record(root, mountpoint)
     return 0
+
+
+def made_by_lazysnap(info: MountInfo, mountpoint: str, record: MountRecord | None) -> bool:
+    """Whether the mount ``info`` at ``mountpoint`` is one lazysnap made: its FUSE mount, or a recorded eager bind mount."""
+    if info.is_lazysnap_fuse:
+        return True
+    if record is None or record.mode != "eager" or not record.rootfs:
+        return False
+    if info.fstype.startswith("fuse"):
+        return False  # an eager mount is a bind mount; and a stat of someone's FUSE mount may hang
+    # A bind mount shows the very directory it binds: the same device and inode as the tree the
+    # record names. Anything mounted over it since shows another.
+    try:
+        shown, tree = os.stat(mountpoint), os.stat(record.rootfs)
+    except OSError:
+        return False
+    return (shown.st_dev, shown.st_ino) == (tree.st_dev, tree.st_ino)
 
 
 def stats_command(root: str, mountpoint: str, as_json: bool, console: Console) -> int:

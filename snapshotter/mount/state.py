@@ -27,7 +27,8 @@ class MountRecord:
     pid: int
     reference: str
     control_socket: str
-    mode: str
+    mode: str  # "lazy" (a FUSE daemon) or "eager" (a bind mount of an unpacked tree, no daemon)
+    rootfs: str = ""  # eager: the unpacked tree bind-mounted at ``mountpoint``
 
 
 def mount_id(mountpoint: str) -> str:

@@ -94,11 +94,13 @@ class CliSession:
         return document
 
     def daemon_pid(self, mountpoint: Path, root: Path | None = None) -> int | None:
-        """The pid of the daemon serving ``mountpoint``, from its mount record; None without one."""
+        """The pid of the daemon serving ``mountpoint``, from its mount record; None without one (or for an eager mount)."""
         try:
-            return read_record(str(root or self.root), str(mountpoint)).pid
+            record = read_record(str(root or self.root), str(mountpoint))
         except MountNotFound:
             return None
+        # An eager mount has no daemon: its recorded pid is the exited command's, maybe reused since.
+        return None if record.mode == "eager" else record.pid
 
     def daemon_log(self, root: Path | None = None) -> str:
         """Everything the daemons started with this root have logged."""

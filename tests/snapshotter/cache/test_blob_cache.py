@@ -172,14 +172,16 @@ async def test_a_whole_blob_that_does_not_match_its_digest_is_forgotten(
 
 
 async def test_a_streamed_download_fills_the_cache(tmp_path: Path, blob_data: bytes) -> None:
-    """Bytes stored from a sequential download in odd-sized pieces are all served locally."""
+    """Bytes stored from a sequential download in odd-sized pieces are all served locally once the stream is verified."""
     registry = FakeRegistry(blob_data)
     blob = BlobCache(tmp_path).open(_digest(blob_data), len(blob_data), registry.fetch, chunk_size=CHUNK)
     offset = 0
     for size in [1000, 5000, 70000, 3, 100000]:
         blob.store_stream(offset, blob_data[offset : offset + size])
         offset += size
-    assert blob.complete
+    assert not blob.is_present(0, 1)  # not before the whole stream matched its digest
+    blob.mark_verified()
+    assert blob.complete and blob.verified
     assert await blob.read(0, len(blob_data)) == blob_data
     assert registry.requests == []
     blob.close()

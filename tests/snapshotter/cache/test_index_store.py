@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,43 @@ class TestProvenance:
         store.drop(DIGEST, "toc:sha256:" + "1" * 64)
         assert store.get(DIGEST, "toc:sha256:" + "1" * 64) is None
         assert store.get(DIGEST) is not None
+
+
+def put_many(root: str, rounds: int) -> None:
+    """Child: put the sample index ``rounds`` times (a process re-indexing the same blob)."""
+    store = IndexStore(root)
+    for _ in range(rounds):
+        store.put(sample_index())
+
+
+class TestSharedStore:
+    """Processes sharing one store never lose or half-read each other's indexes."""
+
+    def test_a_drop_keeps_an_index_another_process_put_since(self, tmp_path: Path) -> None:
+        """Dropping an index read earlier leaves the one another store wrote over it since."""
+        reader, writer = IndexStore(tmp_path), IndexStore(tmp_path)
+        writer.put(sample_index())
+        assert reader.get(DIGEST) is not None
+        writer.put(sample_index())  # a fresh file: another inode
+        reader.drop(DIGEST)
+        assert IndexStore(tmp_path).get(DIGEST) == sample_index()
+        writer.drop(DIGEST)  # what it wrote itself goes
+        assert IndexStore(tmp_path).get(DIGEST) is None
+
+    def test_concurrent_puts_and_gets_see_whole_indexes(self, tmp_path: Path) -> None:
+        """Reads while two processes keep rewriting an index always find it whole, and no temporary file is left."""
+        context = multiprocessing.get_context("spawn")
+        IndexStore(tmp_path).put(sample_index())
+        writers = [context.Process(target=put_many, args=(str(tmp_path), 200)) for _ in range(2)]
+        for process in writers:
+            process.start()
+        store = IndexStore(tmp_path)
+        while any(process.is_alive() for process in writers):
+            assert store.get(DIGEST) == sample_index()
+        for process in writers:
+            process.join()
+            assert process.exitcode == 0
+        assert sorted(p.name for p in (tmp_path / "sha256").iterdir()) == [
+            f"{'ab' * 32}.idx",
+            f"{'ab' * 32}.idx.lock",
+        ]
