@@ -93,7 +93,6 @@ class Case:
     content_type: str = mt.OCI_MANIFEST
     raw_manifest: bytes | None = None  # replaces the manifest's bytes entirely
     layer_annotations: dict[str, str] = field(default_factory=dict)
-    xfail: str = ""  # why the current code does not yet give this outcome
 
 
 CASES: dict[str, Case] = {
@@ -237,17 +236,7 @@ def push_parts(registry: TestRegistry, name: str, case: Case | None = None) -> P
     return Pushed(repository, manifest, config)
 
 
-def case_params() -> list[Any]:
-    """The cases as pytest params, the known gaps marked strict xfail with their cause."""
-    return [
-        pytest.param(case_id, marks=[pytest.mark.xfail(strict=True, reason=CASES[case_id].xfail)])
-        if CASES[case_id].xfail
-        else case_id
-        for case_id in sorted(CASES)
-    ]
-
-
-@pytest.mark.parametrize("case_id", case_params())
+@pytest.mark.parametrize("case_id", sorted(CASES))
 def test_hostile_manifest_or_config(
     case_id: str,
     registry: TestRegistry,
