@@ -47,6 +47,7 @@ from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.reference import Reference
 from snapshotter.service.chain_ids import chain_ids
 from tests.support.estargz_writer import build_estargz
+from tests.support.lazysnap_cli import index_push
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 REF_LABEL = "containerd.io/snapshot.ref"
@@ -281,23 +282,7 @@ def main() -> None:
     with LocalRegistry(work / "registry") as registry:
         images = trio.run(push_images, registry, options.images)
         for image in images:  # gzip and zstd layers are served remotely from published indexes
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "snapshotter.cli",
-                    "index",
-                    "push",
-                    "--root",
-                    str(work / "index-root"),
-                    "--docker-config",
-                    "/nonexistent/config.json",
-                    image.reference,
-                ],
-                check=True,
-                capture_output=True,
-                cwd=REPOSITORY,
-            )
+            index_push(image.reference, work / "index-root", cwd=REPOSITORY)
         config = work / "config.toml"
         config.write_text(
             f'[registry]\nplain_http = ["{registry.host}"]\n\n[background_fetch]\nenabled = false\n'

@@ -5,6 +5,7 @@
   to count bytes served.
 - ``auth_registry``: the same, requiring basic auth; ``.credentials`` is ready for RegistryClient.
 - ``token_registry``: the same, requiring Bearer tokens from ``.token_server``.
+- ``cli``: a CliSession (real ``lazysnap`` subprocesses) with a root of its own, cleaned up after.
 - ``registry_client``: a RegistryClient (function scope, closed after the test) that ignores
   ~/.docker/config.json; build your own with ``credentials=auth_registry.credentials`` for the others.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.remote.client import RegistryClient
+from tests.support.lazysnap_cli import CliSession
 from tests.support.registry import TestRegistry, basic_auth_registry, bearer_registry, plain_registry
 
 # The containerd fixtures (``containerd``, ``containerd_factory``) for every package.
@@ -55,3 +57,13 @@ async def registry_client(registry: TestRegistry, empty_docker_config: str) -> A
     """A RegistryClient for the open registry, closed after the test."""
     async with RegistryClient(docker_config_path=empty_docker_config) as client:
         yield client
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[CliSession]:
+    """A lazysnap CLI session with its own root; everything it mounted is gone afterwards."""
+    session = CliSession(tmp_path / "root")
+    try:
+        yield session
+    finally:
+        session.cleanup()

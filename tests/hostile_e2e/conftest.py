@@ -13,19 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lazysnap_cli import CliSession
 from tests.support.registry import TestRegistry
 from tests.support.tampering_proxy import TamperingProxy
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[CliSession]:
-    """A lazysnap CLI session with its own root; everything it mounted is gone afterwards."""
-    session = CliSession(tmp_path / "root")
-    try:
-        yield session
-    finally:
-        session.cleanup()
 
 
 @pytest.fixture

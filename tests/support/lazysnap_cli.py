@@ -39,6 +39,12 @@ def push(ref: Reference, layers: Sequence[Layer]) -> PushedImage:
     return trio.run(run)
 
 
+def index_push(ref: str, root: Path, *extra: str, cwd: Path | None = None) -> None:
+    """Run ``lazysnap index push`` for ``ref`` with state under ``root`` (no docker config); raises CalledProcessError."""
+    argv = [*LAZYSNAP, "index", "push", "--root", str(root), "--docker-config", "/nonexistent/config.json"]
+    subprocess.run([*argv, *extra, ref], check=True, capture_output=True, timeout=COMMAND_TIMEOUT, cwd=cwd)
+
+
 def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
     """Poll ``predicate()`` until it is true or ``timeout`` seconds pass; return its last value."""
     deadline = time.monotonic() + timeout

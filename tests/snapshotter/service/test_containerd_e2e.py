@@ -12,7 +12,6 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from snapshotter.remote.reference import Reference
 from snapshotter.service.chain_ids import chain_ids
 from tests.support.containerd import run_shell
 from tests.support.estargz_writer import build_estargz
+from tests.support.lazysnap_cli import index_push
 from tests.support.registry import TestRegistry
 from tests.support.snapshotter_stack import SNAPSHOTTER, LazysnapStack
 
@@ -125,22 +125,7 @@ def push_gzip(registry: TestRegistry | LocalRegistry, name: str, *, index: bool,
     """Push the test image with plain gzip layers, and publish its indexes if ``index``."""
     image = _push(_ref(registry, name), [make_layer(entries, "gzip") for entries in _entries(name)])
     if index:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "snapshotter.cli",
-                "index",
-                "push",
-                "--plain-http",
-                "--root",
-                str(tmp),
-                image.ref,
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        index_push(image.ref, tmp, "--plain-http")
     return image
 
 
