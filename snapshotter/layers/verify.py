@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import trio
 
-from index.errors import DigestMismatch
+from index.errors import DigestMismatch, LayerFormatError
 from index.model import LayerFormat, LayerIndex
 from index.reader import LayerReader
 from index.uncompressed import open_tar_stream
@@ -98,7 +98,9 @@ def _decompress_once(blob_path: os.PathLike[str], index: LayerIndex, tar_path: o
     temporary = f"{os.fspath(tar_path)}.{os.getpid()}.{uuid.uuid4().hex}.partial"
     try:
         with open(temporary, "wb") as out:
-            actual = diff_id_of(blob_path, index.format, copy_to=out)
+            # The index says how large the tar is: a blob inflating past that (a bomb behind a
+            # lying index) stops there instead of filling the disk.
+            actual = diff_id_of(blob_path, index.format, copy_to=out, limit=index.uncompressed_size or None)
         if index.diff_id and actual != index.diff_id:
             raise DigestMismatch(f"layer {index.digest} (uncompressed tar)", index.diff_id, actual)
         os.replace(temporary, tar_path)
@@ -107,12 +109,24 @@ def _decompress_once(blob_path: os.PathLike[str], index: LayerIndex, tar_path: o
             os.unlink(temporary)
 
 
-def diff_id_of(path: os.PathLike[str], fmt: LayerFormat, copy_to: BinaryIO | None = None) -> str:
-    """sha256 of the uncompressed tar of a local blob, also written to ``copy_to`` when given."""
+def diff_id_of(
+    path: os.PathLike[str], fmt: LayerFormat, copy_to: BinaryIO | None = None, limit: int | None = None
+) -> str:
+    """sha256 of the uncompressed tar of a local blob, also written to ``copy_to`` when given.
+
+    Raises:
+        LayerFormatError: the tar grows past ``limit`` bytes.
+    """
     hasher = hashlib.sha256()
+    size = 0
     with open(path, "rb") as raw:
         stream = open_tar_stream(raw, fmt)
         while block := stream.read(4 << 20):
+            size += len(block)
+            if limit is not None and size > limit:
+                raise LayerFormatError(
+                    f"{os.fspath(path)}: the tar grows past the {limit} bytes its index says"
+                )
             hasher.update(block)
             if copy_to is not None:
                 copy_to.write(block)
