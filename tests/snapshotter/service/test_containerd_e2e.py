@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -302,8 +303,10 @@ def test_unreachable_registry_gives_eio_not_a_hang(private_registry: LocalRegist
         assert "Input/output error" in printed, printed
         # What bounded the wait, by design: the retry count when connections are refused; the FUSE
         # read deadline when they hang (the registry client alone would wait 3 attempts x 3 s).
-        bound = "failed after 3 attempt(s)" if outage == "refused" else "not read within 4.0 s"
-        assert bound in stack.log(), stack.log()
+        # Refused: the client's retries end the read; silent: the read deadline does (its first
+        # attempt gets fuse.read_timeout_seconds less the retry budget, so the log names less than 4 s).
+        bound = r"failed after 3 attempt\(s\)" if outage == "refused" else r"not read within [0-3]\.\d+ s"
+        assert re.search(bound, stack.log()), stack.log()
 
 
 def test_retagged_image_is_resolved_again(stack: LazysnapStack, registry: TestRegistry) -> None:
