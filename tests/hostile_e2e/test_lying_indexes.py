@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from index.model import Entry, LayerFormat, LayerIndex
+from index.model import Entry, EntryType, LayerFormat, LayerIndex
 from snapshotter.layers.sources import HOW_DOWNLOADED, HOW_STORED
 from tests.support.hostile import (
     BIG,
@@ -31,7 +31,7 @@ from tests.support.hostile import (
     push_victim,
     read_file,
 )
-from tests.support.lazysnap_cli import CliSession, push
+from tests.support.lazysnap_cli import CliSession, push, wait_for
 from tests.support.registry import TestRegistry
 
 Lie = Callable[[LayerIndex, Victim], LayerIndex]
@@ -217,3 +217,28 @@ def test_a_pull_by_digest_ignores_an_index_published_through_the_tag(
     (stats,) = layer_stats(cli, mountpoint)
     assert (stats["how"], stats["index_source"]) == (HOW_DOWNLOADED, "downloaded"), stats
     assert_all_correct(mountpoint, victim.files)
+
+
+def extra_symlink(index: LayerIndex, _: Victim) -> LayerIndex:
+    """An invented symlink ``etc/passwd -> /proc/self/root``: no data, so no header is read for it."""
+    invented = Entry("etc/passwd", EntryType.SYMLINK, 0o777, link_target="/proc/self/root")
+    return with_entries(index, [*index.entries, invented])
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "zstd"])
+def test_a_listing_lie_stops_the_layer_when_it_completes(
+    fmt: str, registry: TestRegistry, cli: CliSession, tmp_path: Path
+) -> None:
+    """An index listing an entry no tar header backs serves until the layer completes; then the completion check stops the layer (EIO) and stats say why."""
+    victim = push_victim(registry, f"listing-{fmt}", fmt, seed=15)
+    publish(victim.ref, [extra_symlink(honest_index(victim), victim)])
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cli.mount_ok(victim.ref, mountpoint)  # background fetch on: the layer completes soon
+    assert layer_stats(cli, mountpoint)[0]["index_source"] == "published"
+    assert wait_for(lambda: layer_stats(cli, mountpoint)[0]["failed"], 60), layer_stats(cli, mountpoint)
+    (stats,) = layer_stats(cli, mountpoint)
+    assert "in the index, not in the tar" in stats["failed"] and not stats["verified"], stats
+    assert read_file(mountpoint / TWIN_A) == errno.EIO  # nothing more is served from the lying index
+    assert "layer-verified=false" in cli.daemon_log()
+    assert_daemon_alive(cli, mountpoint)
