@@ -134,35 +134,16 @@ def refusal(index: LayerIndex, descriptor: Descriptor, toc_digest: str = "", dif
     """Why ``index`` must not serve the layer ``descriptor`` (one line), or "" when it may.
 
     ``toc_digest``: for an index read from an eStargz TOC, the digest that pins it; ``diff_id``:
-    the layer's DiffID from the image config, when known.
+    the layer's DiffID from the image config, when known. What the index says of itself and its
+    blob (format, size, span and chunk digests, offsets, overlaps) is ``index.consistency``'s.
     """
-    if index.digest != descriptor.digest or index.compressed_size != descriptor.size:
-        return f"it describes blob {index.digest} of {index.compressed_size} bytes"
+    if index.digest != descriptor.digest:
+        return f"it describes blob {index.digest}"
     if diff_id and index.format is not LayerFormat.ESTARGZ and index.diff_id != diff_id:
         return f"its DiffID {index.diff_id} is not the image's {diff_id}"
+    if toc_digest and index.toc_digest != toc_digest:
+        return f"its TOC digest {index.toc_digest or '(none)'} is not the annotated {toc_digest}"
     expected = layer_format(descriptor.media_type)
-    if index.format is LayerFormat.ESTARGZ:
-        if expected is not LayerFormat.GZIP:
-            return f"an eStargz index for a {expected.value} layer"
-        if toc_digest and index.toc_digest != toc_digest:
-            return f"its TOC digest {index.toc_digest or '(none)'} is not the annotated {toc_digest}"
-        unpinned = [e.path for e in index.entries if any(not c.digest for c in e.chunks)]
-        if unpinned:
-            return f"chunks without a digest (first: {unpinned[0]})"
-        return ""
-    if index.format is not expected:
-        return f"format {index.format.value} for a {expected.value} layer"
-    spans = -(-index.compressed_size // SPAN_SIZE)
-    if index.span_size != SPAN_SIZE or len(index.span_digests) != spans:
-        return (
-            f"{len(index.span_digests)} span digests of {index.span_size} bytes; "
-            f"{spans} of {SPAN_SIZE} bytes are needed to verify every fetched byte"
-        )
-    return _inconsistency(index, descriptor, expected)
-
-
-def _inconsistency(index: LayerIndex, descriptor: Descriptor, expected: LayerFormat) -> str:
-    """What in ``index`` does not fit its blob (offsets, counts, overlaps), or ""."""
     try:
         check_index(index, blob_size=descriptor.size, span_size=SPAN_SIZE, expected_format=expected)
     except LayerFormatError as error:
