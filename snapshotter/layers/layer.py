@@ -170,20 +170,18 @@ class Layer:
         """Drop the cached bytes of the chunks a failed read used, so a later read fetches them again."""
         # eStargz chunks are checked against their digests after the cache stored them (the
         # cache knows no span digests for them), so bad bytes would otherwise stay "present".
-        chunks = [
-            c for c in entry.chunks if c.file_offset < offset + length and c.file_offset + c.size > offset
-        ]
         # What the read fetched: its chunks and, at a first read, the member holding its header
         # (covered only by the gzip CRC, so bad bytes there would otherwise stay cached too).
-        for piece in plan_read(self.index, entry, offset, length):
+        fetched = plan_read(self.index, entry, offset, length)
+        for piece in fetched:
             self.blob.forget(piece.offset, piece.length)
         self.blob.stats.integrity_failures += 1
         log.warning(
             "chunk-integrity-failure layer=%s path=%s blob_bytes=%d-%d: %s",
             self.descriptor.digest,
             entry.path,
-            min((c.blob_offset for c in chunks), default=-1),
-            max((c.blob_end for c in chunks), default=-1),
+            min((piece.offset for piece in fetched), default=-1),
+            max((piece.offset + piece.length for piece in fetched), default=-1),
             error,
         )
 
